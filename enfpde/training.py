@@ -1,0 +1,98 @@
+"""Losses and jitted train steps.
+
+Stage 1 (reconstruction, REFERENCE section 1): fit ``z`` to every frame with the Meta-SGD encoder and
+train the decoder and the inner step sizes on the reconstruction error at the same points, differentiating
+through the inner loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from enfpde.encoder import MetaSGDEncoder, masked_mse
+from enfpde.field import EquivariantNeuralField
+
+Array = jax.Array
+
+
+class NeuralFieldAutoencoder(nnx.Module):
+    """The stage-1 model: a decoder and the Meta-SGD encoder that fits its latents."""
+
+    def __init__(self, field: EquivariantNeuralField, encoder: MetaSGDEncoder):
+        self.field = field
+        self.encoder = encoder
+
+    def reconstruct(self, coords: Array, values: Array, mask: Array | None = None, *, key: Array | None = None) -> Array:
+        """Fit latents to ``values [B, M, C]`` at ``coords`` and decode them at the same points."""
+        z = self.encoder(self.field, coords, values, mask, key=key)
+        return self.field(coords, z)
+
+
+def reconstruction_loss(model: NeuralFieldAutoencoder, coords, values, mask=None, *, key=None) -> Array:
+    """Stage-1 loss: mean over fields of the masked MSE of the Meta-SGD reconstruction. ``values [B, M, C]``."""
+    return masked_mse(model.reconstruct(coords, values, mask, key=key), values, mask).mean()
+
+
+def default_optimizer(learning_rate: float = 1e-4, clip_norm: float = 1.0) -> optax.GradientTransformation:
+    """AdamW with global-norm gradient clipping (REFERENCE section 1)."""
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate))
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Trainable parameters, the other model state (fixed frequencies, ...) and the optimiser state."""
+
+    params: nnx.State
+    rest: nnx.State
+    opt_state: optax.OptState
+
+
+def make_stage1_step(
+    model: NeuralFieldAutoencoder, optimizer: optax.GradientTransformation, *, num_microbatches: int = 1
+) -> tuple[Callable, TrainState, nnx.GraphDef]:
+    """A jitted stage-1 train step over split (graphdef, state); see DEPENDENCIES.md on why not ``nnx.jit``.
+
+    The step is ``step(params, opt_state, rest, coords [M, D], values [B, M, C], key) -> (params, opt_state, loss)``
+    where ``B`` counts fields (flatten batch x frames).
+
+    With ``num_microbatches > 1`` the fields are split into that many equal groups whose gradients are
+    accumulated in a ``lax.scan``: the same result (the loss is a mean over fields) with the peak memory of
+    one group.
+
+    Returns:
+        ``(step, initial TrainState, graphdef)``; ``nnx.merge(graphdef, params, rest)`` rebuilds the model.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, rest, coords, values, key):
+        return reconstruction_loss(nnx.merge(graphdef, params, rest), coords, values, key=key)
+
+    def value_and_grad(params, rest, coords, values, key):
+        if num_microbatches == 1:
+            return jax.value_and_grad(loss_fn)(params, rest, coords, values, key)
+        if values.shape[0] % num_microbatches:
+            raise ValueError(f"{values.shape[0]} fields do not split into {num_microbatches} equal micro-batches.")
+        groups = values.reshape((num_microbatches, -1) + values.shape[1:])
+        keys = jax.random.split(key, num_microbatches)
+
+        def accumulate(total, group):
+            loss, grads = jax.value_and_grad(loss_fn)(params, rest, coords, *group)
+            return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zero, (groups, keys))
+        return jax.tree.map(lambda t: t / num_microbatches, (loss, grads))
+
+    @jax.jit
+    def step(params, opt_state, rest, coords, values, key):
+        loss, grads = value_and_grad(params, rest, coords, values, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, TrainState(params, rest, optimizer.init(params)), graphdef

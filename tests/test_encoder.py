@@ -1,0 +1,176 @@
+"""Meta-SGD encoder, auto-decoding, and the stage-1 step: masks, subsets, learning-rate clipping, exact
+micro-batching, and that meta-training actually teaches the 3-step fit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from enfpde import AutoDecoder, EquivariantNeuralField, MetaSGDEncoder, fit_latents, masked_mse
+from enfpde import geometry as G
+from enfpde.testing import relative_error
+from enfpde.training import NeuralFieldAutoencoder, default_optimizer, make_stage1_step
+
+TORUS = G.Torus()
+
+
+def smooth_fields(key, num_fields, coords, max_wavenumber=2):
+    """Random smooth periodic fields on the unit torus: sums of Fourier modes with |k_i| <= max_wavenumber.
+    Returns ``[num_fields, M, 1]``."""
+    ks = np.array([(i, j) for i in range(-max_wavenumber, max_wavenumber + 1) for j in range(0, max_wavenumber + 1) if (i, j) != (0, 0)])
+    phase = 2 * np.pi * np.asarray(coords) @ ks.T  # [M, K]
+    ka, kb = jax.random.split(key)
+    a = jax.random.normal(ka, (num_fields, len(ks))) / np.sqrt(len(ks))
+    b = jax.random.normal(kb, (num_fields, len(ks))) / np.sqrt(len(ks))
+    return (a @ np.cos(phase).T + b @ np.sin(phase).T)[..., None]
+
+
+def small_model(seed=0, **encoder_kwargs):
+    field = EquivariantNeuralField(TORUS, num_out=1, latent_dim=8, num_hidden=32, num_heads=2, rngs=nnx.Rngs(seed))
+    encoder = MetaSGDEncoder(TORUS, num_latents=4, latent_dim=8, **encoder_kwargs)
+    return NeuralFieldAutoencoder(field, encoder)
+
+
+@pytest.fixture(scope="module")
+def data():
+    coords = TORUS.sample_coords(jax.random.key(0), 128)
+    return coords, smooth_fields(jax.random.key(1), 4, coords)
+
+
+def _encode(model, coords, values, mask=None, key=None):
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda s, c, v, m, k: (lambda m_: m_.encoder(m_.field, c, v, m, key=k))(nnx.merge(graphdef, s)))
+    return run(state, coords, values, mask, key)
+
+
+def test_masked_points_are_ignored_even_if_nan(data):
+    coords, values = data
+    model = small_model()
+    mask = jnp.arange(coords.shape[0])[None, :].repeat(values.shape[0], 0) < 80
+    corrupted = jnp.where(mask[..., None], values, jnp.nan)
+    z_masked = _encode(model, coords, corrupted, mask)
+    z_subset = _encode(model, coords[:80], values[:, :80])
+    assert np.all(np.isfinite(z_masked.contexts))
+    # Equal up to float32 summation order, amplified by three inner steps of size 5.
+    assert relative_error(z_masked.contexts, z_subset.contexts) < 1e-4
+    assert relative_error(z_masked.poses, z_subset.poses) < 1e-4
+
+
+def test_masked_mse():
+    pred, target = jnp.zeros((2, 3, 2)), jnp.array([[[1.0, 1.0], [2.0, 2.0], [jnp.nan, 0.0]]] * 2)
+    mask = jnp.array([[True, True, False], [True, False, False]])
+    np.testing.assert_allclose(masked_mse(pred, target, mask), [2.5, 1.0])
+
+
+def test_inner_steps_reduce_the_error_and_keep_poses_on_the_domain(data):
+    coords, values = data
+    model = small_model(num_inner_steps=3)
+    z0 = model.encoder.initial(values.shape[0])
+    z3 = _encode(model, coords, values)
+    err = lambda z: masked_mse(model.field(coords, z), values).mean()
+    assert float(err(z3)) < float(err(z0))
+    assert bool(jnp.all((z3.poses >= 0) & (z3.poses < 1)))
+    np.testing.assert_array_equal(z3.widths, z0.widths)  # widths do not evolve
+
+
+def test_random_subsets_need_a_key_and_depend_on_it(data):
+    coords, values = data
+    model = small_model(inner_points=32)
+    with pytest.raises(ValueError, match="PRNG key is needed to draw 32 of 128 points"):
+        model.encoder(model.field, coords, values)
+    a = _encode(model, coords, values, key=jax.random.key(0))
+    b = _encode(model, coords, values, key=jax.random.key(0))
+    c = _encode(model, coords, values, key=jax.random.key(1))
+    np.testing.assert_array_equal(a.contexts, b.contexts)
+    assert relative_error(c.contexts, a.contexts) > 1e-4
+
+
+def test_learning_rates_are_clipped():
+    encoder = MetaSGDEncoder(TORUS, num_latents=4, latent_dim=3, lr_bounds=(1e-6, 10.0))
+    encoder.pose_lr[...] = jnp.asarray(100.0)
+    encoder.context_lr[...] = jnp.array([-1.0, 5.0, 20.0])
+    pose_lr, context_lr = encoder.step_sizes()
+    assert float(pose_lr) == 10.0
+    np.testing.assert_allclose(context_lr, [1e-6, 5.0, 10.0])
+
+
+def test_bad_observations_raise_clear_errors(data):
+    coords, values = data
+    model = small_model()
+    with pytest.raises(ValueError, match=r"values: expected shape \[B, M, 1\]"):
+        model.encoder(model.field, coords, values[..., 0])
+    with pytest.raises(ValueError, match=r"coords: expected shape \[128, 2\]"):
+        model.encoder(model.field, coords[:10], values)
+    with pytest.raises(ValueError, match=r"mask: expected shape \[4, 128\]"):
+        model.encoder(model.field, coords, values, jnp.ones((4, 10), bool))
+    with pytest.raises(ValueError, match="lr_bounds"):
+        MetaSGDEncoder(TORUS, num_latents=4, latent_dim=3, lr_bounds=(0.0, 1.0))
+
+
+def _gradients(model, coords, values, num_microbatches):
+    step, state, _ = make_stage1_step(model, optax.sgd(1.0), num_microbatches=num_microbatches)
+    new_params, _, loss = step(state.params, state.opt_state, state.rest, coords, values, jax.random.key(0))
+    return loss, jax.tree.map(lambda new, old: old - new, new_params, state.params)
+
+
+def test_micro_batched_step_equals_the_full_step(data):
+    coords, values = data
+    model = small_model()
+    loss1, g1 = _gradients(model, coords, values, 1)
+    loss2, g2 = _gradients(model, coords, values, 2)
+    np.testing.assert_allclose(loss1, loss2, rtol=1e-4)  # summation order
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert relative_error(b, a) < 1e-4
+    with pytest.raises(ValueError, match="do not split into 3 equal micro-batches"):
+        _gradients(model, coords, values, 3)
+
+
+def test_second_order_gradients_differ_from_first_order(data):
+    coords, values = data
+    _, second = _gradients(small_model(first_order=False), coords, values, 1)
+    _, first = _gradients(small_model(first_order=True), coords, values, 1)
+    leaves = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
+    assert np.all(np.isfinite(leaves(second))) and np.all(np.isfinite(leaves(first)))
+    assert relative_error(leaves(first), leaves(second)) > 1e-3
+
+
+def test_meta_training_teaches_the_three_step_fit():
+    """After a short meta-training on random smooth fields, the 3-step fit of unseen fields is clearly
+    better than before meta-training."""
+    model = small_model(seed=0, num_inner_steps=3)
+    step, state, graphdef = make_stage1_step(model, default_optimizer(1e-3))
+    train_coords = TORUS.sample_coords(jax.random.key(5), 256)
+    train_values = smooth_fields(jax.random.key(6), 256, train_coords, max_wavenumber=1)
+    test_coords = TORUS.sample_coords(jax.random.key(100), 256)
+    test_values = smooth_fields(jax.random.key(101), 32, test_coords, max_wavenumber=1)  # unseen fields
+
+    @jax.jit
+    def test_error(params, rest):
+        m = nnx.merge(graphdef, params, rest)
+        return masked_mse(m.reconstruct(test_coords, test_values), test_values).mean()
+
+    before = float(test_error(state.params, state.rest))
+    params, opt_state = state.params, state.opt_state
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        fields, points = rng.choice(256, 16, replace=False), rng.choice(256, 128, replace=False)
+        params, opt_state, loss = step(params, opt_state, state.rest, train_coords[points], train_values[fields][:, points], jax.random.key(i))
+    after = float(test_error(params, state.rest))
+    assert after < 0.4 * before, (before, after)
+
+
+def test_auto_decoding_table_and_test_time_fit(data):
+    coords, values = data
+    field = small_model().field
+    table = AutoDecoder(TORUS, num_fields=10, num_latents=4, latent_dim=8)
+    z = table(jnp.array([3, 7]))
+    assert z.poses.shape == (2, 4, 2) and z.contexts.shape == (2, 4, 8)
+    z_init = table(jnp.arange(4))
+    graphdef, state = nnx.split(field)
+    fit = jax.jit(lambda s, z: fit_latents(nnx.merge(graphdef, s), z, coords, values, num_steps=100, optimizer=optax.adam(3e-2)))
+    z_fit = fit(state, z_init)
+    err = lambda z: float(masked_mse(field(coords, z), values).mean())
+    assert err(z_fit) < 0.5 * err(z_init)
+    assert bool(jnp.all((z_fit.poses >= 0) & (z_fit.poses < 1)))

@@ -1,0 +1,148 @@
+"""The decoder: steerability for every geometry, the fast path against the literal formula, chunking,
+k-nearest attention, shape errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from enfpde import EquivariantNeuralField, Latents
+from enfpde import geometry as G
+from enfpde.testing import assert_steerable, jit_decoder, random_latents, relative_error
+
+N, D, C = 6, 8, 2
+
+
+def make_field(geometry, **kwargs):
+    # Larger frequency spreads than the defaults so that the test exercises non-linear embeddings.
+    kwargs = {"query_std": 0.5, "value_std": 0.5, **kwargs}
+    return EquivariantNeuralField(geometry, num_out=C, latent_dim=D, num_hidden=32, num_heads=2, rngs=nnx.Rngs(0), **kwargs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_steerability(geometry, seed):
+    """f(g x; g z) = f(x; z) for random g, to 1e-5 relative in float32."""
+    kz, kx, kg = jax.random.split(jax.random.key(seed), 3)
+    field = make_field(geometry)
+    z = random_latents(geometry, kz, batch=3, num_latents=N, latent_dim=D)
+    x = geometry.sample_coords(kx, 40)
+    assert_steerable(field, z, x, kg, rtol=1e-5)
+
+
+def test_steerability_with_k_nearest(geometry):
+    kz, kx, kg = jax.random.split(jax.random.key(7), 3)
+    field = make_field(geometry, k_nearest=3)
+    z = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)
+    assert_steerable(field, z, geometry.sample_coords(kx, 40), kg, rtol=1e-5)
+
+
+def test_steerability_in_float64():
+    with jax.enable_x64(True):
+        for geometry in (G.Sphere(), G.PlaneSE2(), G.Torus((2.0, 1.0))):
+            kz, kx, kg = jax.random.split(jax.random.key(3), 3)
+            field = make_field(geometry)
+            field = nnx.merge(*(lambda gd, st: (gd, jax.tree.map(lambda a: a.astype(jnp.float64), st)))(*nnx.split(field)))
+            z = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)
+            z = jax.tree.map(lambda a: a.astype(jnp.float64), z)
+            x = geometry.sample_coords(kx, 30).astype(jnp.float64)
+            assert jit_decoder(field)(x, z).dtype == jnp.float64
+            assert_steerable(field, z, x, kg, rtol=1e-10)
+
+
+def test_absolute_position_is_not_equivariant():
+    """The ablation must actually break the symmetry of its domain (else it would ablate nothing)."""
+    torus = G.Torus()
+    absolute = G.AbsolutePosition(torus)
+    kz, kx, kg = jax.random.split(jax.random.key(0), 3)
+    field = make_field(absolute)
+    z = random_latents(absolute, kz, batch=2, num_latents=N, latent_dim=D)
+    x = torus.sample_coords(kx, 40)
+    g = torus.sample_group_element(kg)
+    decode = jit_decoder(field)
+    moved = decode(torus.act_on_coords(g, x), z.transform(torus, g))
+    assert relative_error(moved, decode(x, z)) > 1e-3
+
+
+def test_fast_path_equals_the_literal_formula(geometry):
+    kz, kx = jax.random.split(jax.random.key(1))
+    field = make_field(geometry)
+    z = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)
+    x = geometry.sample_coords(kx, 33)
+    graphdef, state = nnx.split(field)
+    reference = jax.jit(lambda s, x, z: nnx.merge(graphdef, s).decode_reference(x, z))(state, x, z)
+    assert relative_error(jit_decoder(field)(x, z), reference) < 1e-5
+
+
+def test_output_depends_on_contexts_poses_and_widths():
+    torus = G.Torus()
+    decode = jit_decoder(make_field(torus))
+    z = random_latents(torus, jax.random.key(0), batch=1, num_latents=N, latent_dim=D)
+    x = torus.sample_coords(jax.random.key(1), 50)
+    y = decode(x, z)
+    for changed in (z.replace(contexts=z.contexts + 0.5), z.replace(poses=torus.move(z.poses, jnp.full_like(z.poses, 0.1))), z.replace(widths=2 * z.widths)):
+        assert relative_error(decode(x, changed), y) > 1e-3
+
+
+def test_chunked_decoding_equals_unchunked():
+    torus = G.Torus()
+    z = random_latents(torus, jax.random.key(0), batch=3, num_latents=N, latent_dim=D)
+    x = torus.sample_coords(jax.random.key(1), 103)  # not a multiple of the chunk size
+    full = jit_decoder(make_field(torus))(x, z)
+    chunked_decode = jit_decoder(make_field(torus, chunk_size=16))
+    chunked = chunked_decode(x, z)
+    assert chunked.shape == (3, 103, C)
+    assert relative_error(chunked, full) < 1e-6
+    per_batch = jnp.broadcast_to(x, (3,) + x.shape)  # per-field coordinates take the same path
+    assert relative_error(chunked_decode(per_batch, z), full) < 1e-6
+
+
+def test_chunked_decoding_bounds_memory():
+    """The compiled chunked decoder's temporaries do not grow with the number of points."""
+    torus = G.Torus()
+    field = make_field(torus, chunk_size=256)
+    z = random_latents(torus, jax.random.key(0), batch=2, num_latents=N, latent_dim=D)
+    gd, st = nnx.split(field)
+    decode = jax.jit(lambda st, x, z: nnx.merge(gd, st)(x, z))
+
+    def temp_bytes(m):
+        x = jnp.zeros((m, 2))
+        return decode.lower(st, x, z).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(2048), temp_bytes(32768)
+    # 16x the points: outputs grow, the per-chunk pairwise temporaries must not.
+    assert large < 4 * small, (small, large)
+
+
+def test_k_nearest_with_all_latents_equals_full_attention(geometry):
+    kz, kx = jax.random.split(jax.random.key(2))
+    z = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)
+    x = geometry.sample_coords(kx, 30)
+    full = jit_decoder(make_field(geometry))(x, z)
+    assert relative_error(jit_decoder(make_field(geometry, k_nearest=N))(x, z), full) < 1e-5
+    assert relative_error(jit_decoder(make_field(geometry, k_nearest=2))(x, z), full) > 1e-4  # and it does restrict
+
+
+@pytest.mark.parametrize(
+    "coords_shape, poses_shape, contexts_shape, widths_shape, message",
+    [
+        ((10, 3), (2, N, 2), (2, N, D), (2, N), r"coords: expected shape \[M, 2\]"),
+        ((10,), (2, N, 2), (2, N, D), (2, N), r"coords: expected shape"),
+        ((10, 2), (N, 2), (N, D), (N,), r"z.poses: expected shape \[B, N, 2\]"),
+        ((10, 2), (2, N, 2), (2, N, D + 1), (2, N), r"z.contexts: expected shape"),
+        ((10, 2), (2, N, 2), (2, N, D), (2, N, 1), r"z.widths: expected shape"),
+        ((3, 10, 2), (2, N, 2), (2, N, D), (2, N), r"batch size 3 does not match"),
+    ],
+)
+def test_wrong_shapes_raise_clear_errors(coords_shape, poses_shape, contexts_shape, widths_shape, message):
+    field = make_field(G.Torus())
+    z = Latents(jnp.zeros(poses_shape), jnp.zeros(contexts_shape), jnp.ones(widths_shape))
+    with pytest.raises(ValueError, match=message):
+        field(jnp.zeros(coords_shape), z)
+
+
+def test_bad_constructor_arguments_raise():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        EquivariantNeuralField(G.Torus(), num_out=1, latent_dim=4, num_hidden=30, num_heads=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="k_nearest"):
+        EquivariantNeuralField(G.Torus(), num_out=1, latent_dim=4, k_nearest=0, rngs=nnx.Rngs(0))
