@@ -20,7 +20,7 @@ def make_field(geometry, **kwargs):
     return EquivariantNeuralField(geometry, num_out=C, latent_dim=D, num_hidden=32, num_heads=2, rngs=nnx.Rngs(0), **kwargs)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_steerability(geometry, seed):
     """f(g x; g z) = f(x; z) for random g, to 1e-5 relative in float32."""
     kz, kx, kg = jax.random.split(jax.random.key(seed), 3)

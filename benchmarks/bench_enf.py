@@ -1,0 +1,169 @@
+"""Speed and memory of the ENF core at the reference Navier-Stokes configuration (REFERENCE.md section 5).
+
+Cases (each in its own process, so that peak memory is the case's own):
+  stage1           Meta-SGD reconstruction train step: 8 trajectories x 10 frames = 80 fields, 512 points,
+                   4 latents x 16, width 128, 2 heads, 3 inner steps, second order (8 micro-batches of 10).
+  stage1-first     the same, first-order inner gradients.
+  stage1-subset    the same, inner steps on random subsets of 128 of the 512 points.
+  decode           decode a full 64 x 64 field for a batch of 8 fitted states (one jit).
+
+Usage:
+  python benchmarks/bench_enf.py                      # all cases, writes benchmarks/results/enf_core.{json,md}
+  python benchmarks/bench_enf.py --cases decode --repeats 5
+
+Reported: median wall time of the steps after the first, the first call's time (compile + one run), and the
+process's peak resident memory (ru_maxrss, which includes about 0.4 GB of Python + JAX runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+CASES = ("stage1", "stage1-first", "stage1-subset", "decode")
+REFERENCE = {  # REFERENCE.md section 5, the reference implementation on this machine type
+    "stage1": {"median_s": 7.6, "peak_gb": 5.8, "compile_s": 42.0},
+    "decode": {"median_s": 1.1, "peak_gb": 1.0},
+}
+TARGET = {"stage1": {"median_s": 2.5, "peak_gb": 2.0}, "decode": {"median_s": 0.35}}
+
+
+def _build(first_order=False, inner_points=None):
+    import jax
+    from flax import nnx
+
+    from enfpde import EquivariantNeuralField, MetaSGDEncoder, Torus
+    from enfpde.training import NeuralFieldAutoencoder
+
+    torus = Torus((1.0, 1.0))
+    field = EquivariantNeuralField(torus, num_out=1, latent_dim=16, num_hidden=128, num_heads=2, rngs=nnx.Rngs(0))
+    encoder = MetaSGDEncoder(torus, num_latents=4, latent_dim=16, num_inner_steps=3, first_order=first_order, inner_points=inner_points)
+    return jax, torus, NeuralFieldAutoencoder(field, encoder)
+
+
+def _time(fn, repeats):
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def run_case(name: str, repeats: int) -> dict:
+    from enfpde.training import default_optimizer, make_stage1_step
+
+    if name.startswith("stage1"):
+        jax, torus, model = _build(first_order=name == "stage1-first", inner_points=128 if name == "stage1-subset" else None)
+        step, state, _ = make_stage1_step(model, default_optimizer(), num_microbatches=8)
+        coords = torus.sample_coords(jax.random.key(0), 512)
+        values = jax.random.normal(jax.random.key(1), (80, 512, 1))
+        carry = [state.params, state.opt_state, 0]
+
+        def one():
+            params, opt_state, i = carry
+            params, opt_state, loss = step(params, opt_state, state.rest, coords, values, jax.random.key(i))
+            loss.block_until_ready()
+            carry[:] = [params, opt_state, i + 1]
+
+    elif name == "decode":
+        import jax.numpy as jnp
+        from flax import nnx
+
+        jax, torus, model = _build()
+        grid = (jnp.arange(64) + 0.5) / 64
+        coords = jnp.stack(jnp.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+        z = model.encoder.initial(8)
+        z = z.replace(contexts=jax.random.normal(jax.random.key(2), z.contexts.shape))
+        graphdef, params = nnx.split(model.field)
+        decode = jax.jit(lambda params, coords, z: nnx.merge(graphdef, params)(coords, z))
+
+        def one():
+            decode(params, coords, z).block_until_ready()
+
+    else:
+        raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
+    first, times = _time(one, repeats)
+    return {
+        "case": name,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "first_call_s": first,
+        "repeats": repeats,
+        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    }
+
+
+def machine() -> dict:
+    import flax
+    import jax
+    import optax
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls after the first (default 10)")
+    parser.add_argument("--run-case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_case:
+        print(json.dumps(run_case(args.run_case, args.repeats)))
+        return
+
+    results = []
+    for case in args.cases:
+        print(f"running {case} ...", flush=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--run-case", case, "--repeats", str(args.repeats)],
+            check=True, capture_output=True, text=True,
+        )
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+
+    info = machine()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "enf_core.json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    lines = [
+        "# ENF core benchmark (reference Navier-Stokes configuration)",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, jax {info['jax']}, "
+        f"flax {info['flax']}, optax {info['optax']}. Command: `python benchmarks/bench_enf.py --repeats {args.repeats}`.",
+        "",
+        "| case | median step | first call (compile + run) | peak RSS | reference | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ref = REFERENCE.get(r["case"], {})
+        tgt = TARGET.get(r["case"], {})
+        ref_s = f"{ref['median_s']} s, {ref.get('peak_gb', '-')} GB" if ref else "-"
+        tgt_s = ", ".join(f"{v} {'s' if k == 'median_s' else 'GB'}" for k, v in tgt.items()) or "-"
+        lines.append(f"| {r['case']} | {r['median_s']:.2f} s | {r['first_call_s']:.1f} s | {r['peak_gb']:.2f} GB | {ref_s} | {tgt_s} |")
+    (RESULTS / "enf_core.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
