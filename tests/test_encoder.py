@@ -117,7 +117,9 @@ def test_bad_observations_raise_clear_errors(data):
 
 def _gradients(model, coords, values, num_microbatches):
     step, state, _ = make_stage1_step(model, optax.sgd(1.0), num_microbatches=num_microbatches)
-    new_params, _, loss = step(state.params, state.opt_state, state.rest, coords, values, jax.random.key(0))
+    new_params, opt_state, loss = step(state.params, state.opt_state, state.rest, coords, values, jax.random.key(0))
+    step(new_params, opt_state, state.rest, coords, values + 1.0, jax.random.key(1))
+    assert step._cache_size() == 1  # a second call with new data does not retrace
     return loss, jax.tree.map(lambda new, old: old - new, new_params, state.params)
 
 

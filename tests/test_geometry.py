@@ -1,9 +1,13 @@
 """Geometries: invariance of everything the decoder sees, equivariance of pose motion, validation."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enfpde import geometry as G
 from enfpde.testing import assert_invariant, relative_error
@@ -139,3 +143,20 @@ def test_bad_geometry_parameters_raise():
         G.Torus((1.0, -1.0))
     with pytest.raises(ValueError, match="high > low"):
         G.Plane(extent=(1.0, 0.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 3))
+def test_balanced_factors_multiply_to_n(n, num_factors):
+    factors = G._balanced_factors(n, num_factors)
+    assert len(factors) == num_factors and math.prod(factors) == n
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.0, 0.999), st.floats(0.0, 0.999), st.floats(0.5, 5.0))
+def test_torus_difference_is_the_shortest_periodic_image(x, p, period):
+    torus = G.Torus((period,))
+    x, p = x * period, p * period
+    d = float(torus.relative_displacement(jnp.array([p]), jnp.array([x]))[0])
+    assert -period / 2 - 1e-5 <= d < period / 2 + 1e-5
+    assert min(abs(d - (x - p) - k * period) for k in (-1, 0, 1)) < 1e-4
