@@ -5,7 +5,7 @@ Cases (each in its own process, so that peak memory is the case's own):
                    4 latents x 16, width 128, 2 heads, 3 inner steps, second order (8 micro-batches of 10).
   stage1-first     the same, first-order inner gradients.
   stage1-subset    the same, inner steps on random subsets of 128 of the 512 points.
-  decode           decode a full 64 x 64 field for a batch of 8 fitted states (one jit, default chunks of 1024).
+  decode           decode a full 64 x 64 field for a batch of 8 fitted states (one jit, default chunks of 512).
 
 Usage:
   python benchmarks/bench_enf.py                      # all cases, writes benchmarks/results/enf_core.{json,md}
