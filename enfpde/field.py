@@ -162,9 +162,11 @@ class EquivariantNeuralField(nnx.Module):
     def _decode(self, coords: Array, z: Latents) -> Array:
         """``coords [B|1, M, D]`` -> ``[B, M, C]`` without chunking.
 
-        Pairwise arrays are laid out ``[B, M, K, F]`` (K latents, all or the k nearest). Every contraction is
-        written as a canonical row-major GEMM or a fused broadcast-reduce, so XLA inserts no layout copies
-        of the large pairwise arrays (measured: copies were half the stage-1 step time otherwise).
+        Pairwise arrays are laid out ``[B, M, K, F]`` (K latents, all or the k nearest). Contractions are
+        row-major GEMMs or fused broadcast-reduces, so no broadcast copy of per-latent keys over the points is
+        ever materialised (an einsum form did that: 170 MB per call at the reference size). XLA:CPU still
+        transposes the pairwise activations for the weight-gradient GEMMs of the backward pass; see
+        benchmarks/results/enf_core.md.
         """
         H, dh, E = self.num_heads, self.num_hidden // self.num_heads, self.num_hidden
         B, N = z.poses.shape[:2]

@@ -1,0 +1,164 @@
+"""Latent dynamics and rollout: equivariance, time super-resolution, solver agreement, gradients,
+pose constraints."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from enfpde import geometry as G
+from enfpde.dynamics import EquivariantDynamics
+from enfpde.rollout import rollout, solver_from_name
+from enfpde.testing import random_latents, relative_error
+
+N, D = 6, 4
+
+
+def make_dynamics(geometry, output_scale=1.0, **kwargs):
+    return EquivariantDynamics(geometry, latent_dim=D, num_hidden=16, num_layers=2, num_frequencies=8, output_scale=output_scale, rngs=nnx.Rngs(0), **kwargs)
+
+
+@jax.jit(static_argnums=0)
+def _velocity(graphdef, state, z):
+    return nnx.merge(graphdef, state)(z)
+
+
+def velocity(dynamics, z):
+    return _velocity(*nnx.split(dynamics), z)
+
+
+def test_velocity_is_equivariant(geometry):
+    check_velocity_equivariance(geometry, kernel_radius=None)
+
+
+@pytest.mark.parametrize("geometry", [G.Torus(), G.AxialSphere(), G.PlaneSE2()], ids=["torus", "axial", "se2"])
+def test_velocity_is_equivariant_with_a_kernel_radius(geometry):
+    check_velocity_equivariance(geometry, kernel_radius=0.6 * geometry.latent_spacing(N) * 2)
+
+
+def check_velocity_equivariance(geometry, kernel_radius):
+    kz, kg = jax.random.split(jax.random.key(0))
+    dynamics = make_dynamics(geometry, kernel_radius=kernel_radius)
+    z = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)
+    g = geometry.sample_group_element(kg)
+    rate = velocity(dynamics, z)
+    moved = velocity(dynamics, z.transform(geometry, g))
+    assert relative_error(moved.contexts, rate.contexts) < 1e-5
+    assert relative_error(moved.poses, geometry.act_on_tangents(g, z.poses, rate.poses)) < 1e-5
+    np.testing.assert_array_equal(rate.widths, 0.0)  # widths do not evolve
+    assert float(jnp.abs(rate.poses).max()) > 0  # poses do move
+
+
+def test_untrained_flow_is_near_identity():
+    torus = G.Torus()
+    z = random_latents(torus, jax.random.key(0), batch=2, num_latents=N, latent_dim=D)
+    rate = velocity(make_dynamics(torus, output_scale=1e-3), z)
+    assert float(jnp.abs(rate.contexts).max()) < 1e-2 * float(jnp.abs(z.contexts).max())
+    assert float(jnp.abs(rate.poses).max()) < 1e-2 * torus.latent_spacing(N)
+
+
+def test_axial_sphere_uses_its_fixed_directions():
+    """With rotations about the pole only, a single latent may still drift (e.g. eastward); on the full sphere
+    it cannot, since nothing singles out a direction."""
+    z = random_latents(G.AxialSphere(), jax.random.key(0), batch=1, num_latents=1, latent_dim=D)
+    assert float(jnp.abs(velocity(make_dynamics(G.AxialSphere()), z).poses).max()) > 1e-4
+    assert float(jnp.abs(velocity(make_dynamics(G.Sphere()), z).poses).max()) < 1e-7
+
+
+@jax.jit(static_argnums=(0, 3, 4))
+def _rollout(graphdef, state, z0, times, solver_name, dt0=1.0):
+    times = jnp.asarray(times)
+    return rollout(nnx.merge(graphdef, state), z0, times, solver=solver_from_name(solver_name), dt0=dt0)
+
+
+def run(dynamics, z0, times, solver="euler", dt0=1.0):
+    return _rollout(*nnx.split(dynamics), z0, tuple(times), solver, dt0)
+
+
+@pytest.mark.parametrize("geometry", [G.Torus(), G.AxialSphere(), G.PlaneSE2()], ids=["torus", "axial", "se2"])
+def test_rollout_is_equivariant(geometry):
+    kz, kg = jax.random.split(jax.random.key(1))
+    dynamics = make_dynamics(geometry, output_scale=0.3)
+    z0 = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)
+    g = geometry.sample_group_element(kg)
+    out = run(dynamics, z0, (0.0, 1.0, 2.0, 3.0))
+    moved = run(dynamics, z0.transform(geometry, g), (0.0, 1.0, 2.0, 3.0))
+    assert relative_error(moved.contexts, out.contexts) < 1e-4
+    expected = geometry.act_on_poses(g, out.poses)
+    assert float(jnp.abs(geometry.relative_displacement(expected, moved.poses)).max()) < 1e-4
+
+
+def test_saving_between_frames_matches_frame_only_run():
+    torus = G.Torus()
+    dynamics = make_dynamics(torus, output_scale=0.3)
+    z0 = random_latents(torus, jax.random.key(2), batch=2, num_latents=N, latent_dim=D)
+    fine = run(dynamics, z0, tuple(np.arange(9) * 0.25))
+    coarse = run(dynamics, z0, (0.0, 1.0, 2.0))
+    assert fine.poses.shape == (9, 2, N, 2) and fine.widths.shape == (9, 2, N)
+    assert relative_error(fine.contexts[::4], coarse.contexts) < 1e-6
+    assert float(jnp.abs(torus.relative_displacement(coarse.poses, fine.poses[::4])).max()) < 1e-6
+    assert relative_error(fine.contexts[1], coarse.contexts[0]) > 1e-5  # intermediate states differ
+
+
+def test_adaptive_dopri5_matches_fine_fixed_steps():
+    torus = G.Torus()
+    dynamics = make_dynamics(torus, output_scale=0.3)
+    z0 = random_latents(torus, jax.random.key(3), batch=1, num_latents=N, latent_dim=D)
+    graphdef, state = nnx.split(dynamics)
+    times = jnp.array([0.5, 1.0])
+
+    @jax.jit
+    def adaptive(state, z0):
+        control = diffrax.PIDController(rtol=1e-6, atol=1e-6)
+        return rollout(nnx.merge(graphdef, state), z0, times, solver=diffrax.Dopri5(), dt0=0.1, stepsize_controller=control)
+
+    # Fixed-step Tsit5 at dt = 0.01: truncation error far below float32 round-off over 100 steps.
+    reference = run(dynamics, z0, (0.5, 1.0), solver="tsit5", dt0=1e-2)
+    out = adaptive(state, z0)
+    assert relative_error(out.contexts, reference.contexts) < 1e-4
+    assert float(jnp.abs(torus.relative_displacement(reference.poses, out.poses)).max()) < 1e-4
+    euler = run(dynamics, z0, (0.5, 1.0), solver="euler", dt0=0.5)  # and a coarse step is visibly off
+    assert relative_error(euler.contexts, reference.contexts) > 1e-3
+
+
+def test_gradients_through_the_rollout_are_finite_with_a_bounded_adjoint():
+    sphere = G.AxialSphere()
+    dynamics = make_dynamics(sphere, output_scale=0.3)
+    z0 = random_latents(sphere, jax.random.key(4), batch=2, num_latents=N, latent_dim=D)
+    graphdef, params, rest = nnx.split(dynamics, nnx.Param, ...)
+
+    def loss(params):
+        out = rollout(nnx.merge(graphdef, params, rest), z0, jnp.arange(1.0, 6.0), adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=2))
+        return jnp.mean(out.contexts**2) + jnp.mean(out.poses[..., 2] ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(grads)]
+    assert all(np.all(np.isfinite(x)) for x in leaves)
+    assert max(np.abs(x).max() for x in leaves) > 0
+
+
+@pytest.mark.parametrize("geometry", [G.Torus((2.0, 1.0)), G.Sphere(), G.AxialSphere()], ids=["torus", "sphere", "axial"])
+def test_poses_stay_on_the_domain_after_100_steps(geometry):
+    dynamics = make_dynamics(geometry, output_scale=1.0)
+    z0 = random_latents(geometry, jax.random.key(5), batch=2, num_latents=N, latent_dim=D)
+    out = run(dynamics, z0, (10.0,), dt0=0.1)  # 100 Euler steps
+    np.testing.assert_allclose(geometry.project(out.poses), out.poses, atol=1e-5)
+    assert float(jnp.abs(out.poses - z0.poses).max()) > 1e-3  # they did move
+
+
+def test_unknown_solver_name():
+    with pytest.raises(ValueError, match="unknown ODE solver 'rk45'; expected one of"):
+        solver_from_name("rk45")
+
+
+@pytest.mark.parametrize(
+    "times, message",
+    [([1.0, 0.5], "strictly increasing"), ([[1.0]], "1-D"), ([-1.0, 1.0], "must not precede the initial time")],
+)
+def test_bad_output_times(times, message):
+    torus = G.Torus()
+    z0 = random_latents(torus, jax.random.key(0), batch=1, num_latents=N, latent_dim=D)
+    with pytest.raises(ValueError, match=message):
+        rollout(make_dynamics(torus), z0, jnp.asarray(times))
