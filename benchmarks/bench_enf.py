@@ -123,21 +123,23 @@ def machine() -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+def report(script: str, title: str, stem: str, cases, reference: dict, target: dict, argv=None) -> None:
+    """Command-line driver shared by the benchmarks: runs each case in its own process (``--run-case``),
+    merges the results into ``results/<stem>.json`` and writes ``results/<stem>.md``."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(cases), choices=cases)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls after the first (default 10)")
     parser.add_argument("--run-case", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.run_case:
-        print(json.dumps(run_case(args.run_case, args.repeats)))
+        print(json.dumps(sys.modules["__main__"].run_case(args.run_case, args.repeats)))
         return
 
     results = []
     for case in args.cases:
         print(f"running {case} ...", flush=True)
         out = subprocess.run(
-            [sys.executable, __file__, "--run-case", case, "--repeats", str(args.repeats)],
+            [sys.executable, script, "--run-case", case, "--repeats", str(args.repeats)],
             check=True, capture_output=True, text=True,
         )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -145,30 +147,30 @@ def main() -> None:
 
     info = machine()
     RESULTS.mkdir(exist_ok=True)
-    previous = RESULTS / "enf_core.json"
+    previous = RESULTS / f"{stem}.json"
     if previous.exists():  # keep the recorded cases that were not re-run
         ran = {r["case"] for r in results}
         kept = [r for r in json.loads(previous.read_text())["results"] if r["case"] not in ran]
-        results = sorted(kept + results, key=lambda r: CASES.index(r["case"]))
-    (RESULTS / "enf_core.json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+        results = sorted(kept + results, key=lambda r: list(cases).index(r["case"]))
+    previous.write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
     lines = [
-        "# ENF core benchmark (reference Navier-Stokes configuration)",
+        f"# {title}",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, jax {info['jax']}, "
-        f"flax {info['flax']}, optax {info['optax']}. Command: `python benchmarks/bench_enf.py` (timed calls per case below).",
+        f"flax {info['flax']}, optax {info['optax']}. Command: `python benchmarks/{Path(script).name}` (timed calls per case below).",
         "",
         "| case | median step | first call (compile + run) | peak RSS | timed calls | reference | target |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ref = REFERENCE.get(r["case"], {})
-        tgt = TARGET.get(r["case"], {})
+        ref = reference.get(r["case"], {})
+        tgt = target.get(r["case"], {})
         ref_s = f"{ref['median_s']} s, {ref.get('peak_gb', '-')} GB" if ref else "-"
-        tgt_s = ", ".join(f"{v} {'s' if k == 'median_s' else 'GB'}" for k, v in tgt.items()) or "-"
+        tgt_s = ", ".join(f"{v} {'GB' if k == 'peak_gb' else 's'}" + (" compile" if k == "compile_s" else "") for k, v in tgt.items()) or "-"
         lines.append(f"| {r['case']} | {r['median_s']:.2f} s | {r['first_call_s']:.1f} s | {r['peak_gb']:.2f} GB | {r['repeats']} | {ref_s} | {tgt_s} |")
-    (RESULTS / "enf_core.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    report(__file__, "ENF core benchmark (reference Navier-Stokes configuration)", "enf_core", CASES, REFERENCE, TARGET)

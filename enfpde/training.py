@@ -3,6 +3,9 @@
 Stage 1 (reconstruction, REFERENCE section 1): fit ``z`` to every frame with the Meta-SGD encoder and
 train the decoder and the inner step sizes on the reconstruction error at the same points, differentiating
 through the inner loop.
+
+Stage 2 (dynamics): with the decoder and encoder frozen, fit ``z0`` to frame 0 only, integrate it over the
+training horizon and train the latent dynamics on the error of the decoded trajectory at every frame.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from enfpde.dynamics import EquivariantDynamics
 from enfpde.encoder import MetaSGDEncoder, masked_mse
 from enfpde.field import EquivariantNeuralField
+from enfpde.forecaster import forecast_fields
 
 Array = jax.Array
 
@@ -96,3 +102,58 @@ def make_stage1_step(
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step, TrainState(params, rest, optimizer.init(params)), graphdef
+
+
+def trajectory_loss(
+    field: EquivariantNeuralField,
+    encoder: MetaSGDEncoder,
+    dynamics: EquivariantDynamics,
+    coords: Array,
+    values: Array,
+    times: Array,
+    *,
+    solver: diffrax.AbstractSolver | None = None,
+    dt0: float | None = 1.0,
+    key: Array | None = None,
+) -> Array:
+    """Stage-2 loss: MSE over frames, points and channels of the forecast from frame 0.
+
+    Args:
+        coords: ``[M, D]``; values: ``[B, T, M, C]`` at ``times [T]`` (``times[0]`` is the initial time 0).
+    """
+    pred = forecast_fields(field, encoder, dynamics, coords, values[:, 0], times, coords, solver=solver, dt0=dt0, key=key)
+    return jnp.mean((pred - values.swapaxes(0, 1)) ** 2)
+
+
+def make_stage2_step(
+    field: EquivariantNeuralField,
+    encoder: MetaSGDEncoder,
+    dynamics: EquivariantDynamics,
+    optimizer: optax.GradientTransformation,
+    *,
+    solver: diffrax.AbstractSolver | None = None,
+    dt0: float | None = 1.0,
+) -> tuple[Callable, TrainState, nnx.State, nnx.GraphDef]:
+    """A jitted stage-2 train step that updates only the dynamics.
+
+    The step is ``step(params, opt_state, rest, frozen, coords [M, D], values [B, T, M, C], times [T], key)
+    -> (params, opt_state, loss)``, with ``frozen`` the decoder's and encoder's state.
+
+    Returns:
+        ``(step, TrainState of the dynamics, frozen state, dynamics graphdef)``.
+    """
+    frozen_graphdef, frozen = nnx.split((field, encoder))
+    graphdef, params, rest = nnx.split(dynamics, nnx.Param, ...)
+
+    def loss_fn(params, rest, frozen, coords, values, times, key):
+        field, encoder = nnx.merge(frozen_graphdef, jax.lax.stop_gradient(frozen))
+        dynamics = nnx.merge(graphdef, params, rest)
+        return trajectory_loss(field, encoder, dynamics, coords, values, times, solver=solver, dt0=dt0, key=key)
+
+    @jax.jit
+    def step(params, opt_state, rest, frozen, coords, values, times, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, frozen, coords, values, times, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, TrainState(params, rest, optimizer.init(params)), frozen, graphdef

@@ -30,6 +30,11 @@ def test_steerability(geometry, seed):
     assert_steerable(field, z, x, kg, rtol=1e-5)
 
 
+# The k-nearest gather depends on the geometry only through the pose dimension and the distance.
+KNN_GEOMETRIES = pytest.mark.parametrize("geometry", [G.Torus(), G.PlaneSE2(), G.AxialSphere()], ids=["torus", "se2", "axial"])
+
+
+@KNN_GEOMETRIES
 def test_steerability_with_k_nearest(geometry):
     kz, kx, kg = jax.random.split(jax.random.key(7), 3)
     field = make_field(geometry, k_nearest=3)
@@ -114,6 +119,7 @@ def test_chunked_decoding_bounds_memory():
     assert large < 4 * small, (small, large)
 
 
+@KNN_GEOMETRIES
 def test_k_nearest_with_all_latents_equals_full_attention(geometry):
     kz, kx = jax.random.split(jax.random.key(2))
     z = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)

@@ -1,0 +1,77 @@
+"""Speed and memory of the latent dynamics at the reference Navier-Stokes configuration (REFERENCE.md 5).
+
+Cases (each in its own process):
+  stage2     stage-2 train step: encode frame 0 with 3 Meta-SGD steps (frozen encoder and decoder), explicit
+             Euler with one step per frame over 10 frames, decode 512 points per frame, batch 8; decoder
+             width 128, 2 heads, 4 latents x 16; dynamics width 128, 3 layers.
+  forecast   encode the full 64 x 64 initial state (3 Meta-SGD steps on 512 random points each, as the
+             reference protocol samples), 20-frame rollout, decode the full grid at every frame, batch 8, one jit.
+
+Usage: python benchmarks/bench_dynamics.py [--cases stage2 forecast] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import statistics
+import resource
+
+from bench_enf import _build, _time, report
+
+CASES = ("stage2", "forecast")
+REFERENCE = {"stage2": {"median_s": 2.4, "peak_gb": 2.9, "compile_s": 74.0}, "forecast": {"median_s": 11.7, "peak_gb": 1.1}}
+TARGET = {"stage2": {"median_s": 0.8, "compile_s": 30.0}, "forecast": {"median_s": 4.0}}
+
+
+def run_case(name: str, repeats: int) -> dict:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from enfpde.dynamics import EquivariantDynamics
+    from enfpde.forecaster import forecast_fields
+    from enfpde.training import default_optimizer, make_stage2_step
+
+    jax, torus, model = _build()
+    dynamics = EquivariantDynamics(torus, latent_dim=16, num_hidden=128, num_layers=3, rngs=nnx.Rngs(1))
+    coords = torus.sample_coords(jax.random.key(0), 512)
+    if name == "stage2":
+        step, state, frozen, _ = make_stage2_step(model.field, model.encoder, dynamics, default_optimizer(1e-3))
+        values = jax.random.normal(jax.random.key(1), (8, 10, 512, 1))
+        times = jnp.arange(10.0)
+        carry = [state.params, state.opt_state, 0]
+
+        def one():
+            params, opt_state, i = carry
+            params, opt_state, loss = step(params, opt_state, state.rest, frozen, coords, values, times, jax.random.key(i))
+            loss.block_until_ready()
+            carry[:] = [params, opt_state, i + 1]
+
+    elif name == "forecast":
+        model.encoder.inner_points = 512
+        grid = (jnp.arange(64) + 0.5) / 64
+        query = jnp.stack(jnp.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+        initial = jax.random.normal(jax.random.key(1), (8, 4096, 1))
+        graphdef, state = nnx.split((model.field, model.encoder, dynamics))
+
+        @jax.jit
+        def forecast(state, initial, key):
+            field, encoder, dyn = nnx.merge(graphdef, state)
+            return forecast_fields(field, encoder, dyn, query, initial, jnp.arange(20.0), query, key=key)
+
+        def one():
+            forecast(state, initial, jax.random.key(0)).block_until_ready()
+
+    else:
+        raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
+    first, times_ = _time(one, repeats)
+    return {
+        "case": name,
+        "median_s": statistics.median(times_),
+        "min_s": min(times_),
+        "first_call_s": first,
+        "repeats": repeats,
+        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    }
+
+
+if __name__ == "__main__":
+    report(__file__, "Latent dynamics benchmark (reference Navier-Stokes configuration)", "dynamics", CASES, REFERENCE, TARGET)
