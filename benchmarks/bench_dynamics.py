@@ -12,10 +12,7 @@ Usage: python benchmarks/bench_dynamics.py [--cases stage2 forecast] [--repeats 
 
 from __future__ import annotations
 
-import statistics
-import resource
-
-from bench_enf import _build, _time, report
+from bench_enf import _build, measure, report
 
 CASES = ("stage2", "forecast")
 REFERENCE = {"stage2": {"median_s": 2.4, "peak_gb": 2.9, "compile_s": 74.0}, "forecast": {"median_s": 11.7, "peak_gb": 1.1}}
@@ -62,15 +59,7 @@ def run_case(name: str, repeats: int) -> dict:
 
     else:
         raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
-    first, times_ = _time(one, repeats)
-    return {
-        "case": name,
-        "median_s": statistics.median(times_),
-        "min_s": min(times_),
-        "first_call_s": first,
-        "repeats": repeats,
-        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-    }
+    return measure(name, one, repeats)
 
 
 if __name__ == "__main__":

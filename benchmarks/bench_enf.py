@@ -62,6 +62,19 @@ def _time(fn, repeats):
     return first, times
 
 
+def measure(name: str, one, repeats: int) -> dict:
+    """Time ``one()`` (first call, then ``repeats`` timed calls) and read the process's peak memory."""
+    first, times = _time(one, repeats)
+    return {
+        "case": name,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "first_call_s": first,
+        "repeats": repeats,
+        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    }
+
+
 def run_case(name: str, repeats: int) -> dict:
     from enfpde.training import default_optimizer, make_stage1_step
 
@@ -95,15 +108,7 @@ def run_case(name: str, repeats: int) -> dict:
 
     else:
         raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
-    first, times = _time(one, repeats)
-    return {
-        "case": name,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "first_call_s": first,
-        "repeats": repeats,
-        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-    }
+    return measure(name, one, repeats)
 
 
 def machine() -> dict:
