@@ -1,9 +1,9 @@
 """XLA:CPU setting applied when enfpde is imported (before JAX creates its CPU backend).
 
 jaxlib 0.10's CPU compiler fuses whole chains of matmuls and element-wise ops of the decoder into single
-YNNPACK fusions that run at a fraction of plain GEMM speed. Restricting YNNPACK to individual dots made,
-on a 2-core CPU at the reference Navier-Stokes size: full-field decode 0.34 -> 0.24 s, stage-1 step
-6.6-7.1 -> 5.4 s, stage-2 step 1.6-1.8 -> 1.2 s, 20-frame forecast 6.0 -> 3.6 s (benchmarks/README.md).
+YNNPACK fusions that run at a fraction of plain GEMM speed (in the profile of a 64 x 64 decode, one fusion
+took 192 of 295 ms). Restricting YNNPACK to individual dots roughly halved the decode and the 20-frame
+forecast on a 2-core CPU; the before/after figures are in benchmarks/README.md.
 
 It is added to ``XLA_FLAGS`` only if the user has not set this flag, only for the jaxlib line it was
 measured on (an unknown flag aborts the process), and not when ``ENFPDE_KEEP_XLA_FLAGS=1``. It takes effect

@@ -64,7 +64,7 @@ class EquivariantDynamics(nnx.Module):
     ):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, found {num_layers}.")
-        self.geometry, self.latent_dim, self.kernel_radius = geometry, latent_dim, kernel_radius
+        self.geometry, self.kernel_radius = geometry, kernel_radius
         self.basis = RandomFourierFeatures(geometry.pose_invariant_dim, num_frequencies, basis_std, rngs=rngs)
         self.basis_mlp = nnx.Sequential(
             nnx.Linear(2 * num_frequencies, num_hidden, rngs=rngs), jax.nn.gelu, nnx.Linear(num_hidden, num_hidden, rngs=rngs), jax.nn.gelu
@@ -87,8 +87,9 @@ class EquivariantDynamics(nnx.Module):
         self.out_norm = nnx.LayerNorm(num_hidden, rngs=rngs)
         self.context_out = nnx.Linear(num_hidden, latent_dim, rngs=rngs)
         self.edge_weight = nnx.Linear(num_hidden, 1, rngs=rngs)
+        # One weight per direction the group leaves fixed (none for most geometries).
         num_fixed = geometry.fixed_directions(geometry.initial_poses(1)).shape[-2]
-        self.fixed_weight = nnx.Linear(num_hidden, max(num_fixed, 1), rngs=rngs)
+        self.fixed_weight = nnx.Linear(num_hidden, num_fixed, rngs=rngs) if num_fixed else None
         self.context_scale = nnx.Param(jnp.asarray(output_scale, jnp.float32))
         self.pose_scale = nnx.Param(jnp.asarray(output_scale, jnp.float32))
 
@@ -117,8 +118,8 @@ class EquivariantDynamics(nnx.Module):
         w = self.edge_weight(edge * (h[:, :, None] + h[:, None, :]))[..., 0] * neighbours  # [B, N, N]
         disp = g.relative_displacement(p_i, p_j)  # [B, N, N, T], equivariant
         pose_rate = jnp.einsum("bij,bijt->bit", w, disp) / count
-        fixed = g.fixed_directions(z.poses)  # [B, N, K, T]
-        if fixed.shape[-2]:
-            pose_rate = pose_rate + jnp.einsum("bik,bikt->bit", self.fixed_weight(h)[..., : fixed.shape[-2]], fixed)
+        if self.fixed_weight is not None:
+            fixed = g.fixed_directions(z.poses)  # [B, N, K, T]
+            pose_rate = pose_rate + jnp.einsum("bik,bikt->bit", self.fixed_weight(h), fixed)
         pose_rate = g.project_tangent(z.poses, self.pose_scale[...] * pose_rate)
         return Latents(pose_rate, context_rate, jnp.zeros_like(z.widths))
