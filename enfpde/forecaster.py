@@ -1,16 +1,34 @@
-"""Forecasting with encoder + dynamics + decoder on arrays: fit ``z0`` to an initial state, integrate it to
-any times, decode at any coordinates (zero-shot temporal and spatial super-resolution)."""
+"""Forecasting: fit ``z0`` to an initial state, integrate it to any times, decode at any coordinates
+(zero-shot temporal and spatial super-resolution).
+
+:func:`forecast_fields` works on arrays inside traced code; :class:`Forecaster` is the user-facing model
+loaded from a run directory, with ``predict`` on NumPy arrays in raw units (the protocol the evaluation
+harness uses) and ``forecast`` on xarray Datasets.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
 import diffrax
 import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+from flax import nnx
 
+from enfpde import checkpointing
+from enfpde.config import DataConfig, ModelConfig, RunConfig, config_from_yaml
+from enfpde.data.trajectories import GRID_AXES, POINT_DIM, TIME_DIM, TRAJECTORY_DIM, Normalizer, check_monotone_times
 from enfpde.dynamics import EquivariantDynamics
 from enfpde.encoder import MetaSGDEncoder
 from enfpde.field import EquivariantNeuralField
+from enfpde.geometry import AbsolutePosition, AxialSphere, Geometry, Plane, Sphere, Torus
 from enfpde.latents import Latents
-from enfpde.rollout import rollout
+from enfpde.rollout import rollout, solver_from_name
 
 Array = jax.Array
 
@@ -54,3 +72,352 @@ def forecast_fields(
     z0 = encoder(field, coords, initial_values, mask, key=key)
     zs = rollout(dynamics, z0, times, solver=solver, dt0=dt0, stepsize_controller=stepsize_controller)
     return decode_trajectory(field, zs, query_coords)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the model from a run configuration
+# ---------------------------------------------------------------------------------------------------------
+
+def make_geometry(data: DataConfig) -> Geometry:
+    """The geometry named by ``data.geometry`` (``torus``, ``plane``, ``sphere``, ``axial_sphere``,
+    ``absolute`` (the torus without symmetry) or ``absolute_sphere``)."""
+    name = data.geometry
+    if name == "torus":
+        return Torus(tuple(data.periods))
+    if name == "plane":
+        return Plane()
+    if name == "sphere":
+        return Sphere()
+    if name == "axial_sphere":
+        return AxialSphere()
+    if name == "absolute":
+        return AbsolutePosition(Torus(tuple(data.periods)))
+    if name == "absolute_sphere":
+        return AbsolutePosition(Sphere())
+    raise ValueError(
+        f"unknown geometry {name!r}; expected torus, plane, sphere, axial_sphere, absolute or absolute_sphere."
+    )
+
+
+def build_modules(
+    model: ModelConfig, geometry: Geometry, num_channels: int, seed: int = 0
+) -> tuple[EquivariantNeuralField, MetaSGDEncoder, EquivariantDynamics]:
+    """Fresh decoder, encoder and dynamics for ``num_channels`` output channels, initialised from ``seed``."""
+    rngs = nnx.Rngs(seed)
+    field = EquivariantNeuralField(
+        geometry,
+        num_out=num_channels,
+        latent_dim=model.latent_dim,
+        num_hidden=model.num_hidden,
+        num_heads=model.num_heads,
+        num_frequencies=model.num_frequencies,
+        query_std=model.query_std,
+        value_std=model.value_std,
+        k_nearest=model.k_nearest,
+        chunk_size=model.chunk_size,
+        rngs=rngs,
+    )
+    encoder = MetaSGDEncoder(
+        geometry,
+        num_latents=model.num_latents,
+        latent_dim=model.latent_dim,
+        num_inner_steps=model.inner_steps,
+        inner_points=model.inner_points,
+        pose_lr=model.pose_lr,
+        context_lr=model.context_lr,
+        learn_poses=model.learn_poses,
+        first_order=model.first_order,
+        width_factor=model.width_factor,
+    )
+    dynamics = EquivariantDynamics(
+        geometry,
+        latent_dim=model.latent_dim,
+        num_hidden=model.dynamics_hidden,
+        num_layers=model.dynamics_layers,
+        num_frequencies=model.dynamics_frequencies,
+        kernel_radius=model.kernel_radius,
+        rngs=rngs,
+    )
+    return field, encoder, dynamics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The user-facing forecaster
+# ---------------------------------------------------------------------------------------------------------
+
+class Forecaster:
+    """A trained ENF forecaster: encoder + dynamics + decoder with the data's normalisation and metadata.
+
+    Load one with :meth:`load`. All inputs and outputs are in the data's raw units; coordinates are user
+    coordinates (``(y, x)`` on the torus, ``(latitude, longitude)`` in degrees on the sphere) and times are
+    lead times from the initial state in the units the model was trained with.
+
+    Args:
+        config: the run's configuration; metadata: the run's ``model.json`` contents;
+        field, encoder, dynamics: the trained modules.
+    """
+
+    def __init__(self, config: RunConfig, metadata: Mapping, field, encoder, dynamics, *, batch_size: int = 8):
+        self.config = config
+        self.metadata = dict(metadata)
+        self.geometry = field.geometry
+        self.normalizer = Normalizer.from_dict(metadata["normalizer"])
+        self.variables = tuple(metadata["variables"])
+        self.units = tuple(metadata["units"])
+        self.axes = tuple(metadata["axes"])
+        self.time_units = metadata.get("time_units", "1")
+        self.batch_size = batch_size
+        self.modules = (field, encoder, dynamics)
+        graphdef, state = nnx.split(self.modules)
+        self._state = state
+        solver = solver_from_name(config.model.solver)
+        dt0 = config.model.dt0
+
+        @jax.jit
+        def predict_normalized(state, coords, values, mask, times, query):
+            field, encoder, dynamics = nnx.merge(graphdef, state)
+            out = forecast_fields(
+                field, encoder, dynamics, coords, values, times, query, mask, solver=solver, dt0=dt0,
+                key=jax.random.key(0),
+            )
+            return out.swapaxes(0, 1)
+
+        self._predict_normalized = predict_normalized
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, *, step: int | None = None, batch_size: int = 8) -> Forecaster:
+        """The model of a run directory at its latest checkpoint (or ``step``)."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"no run directory at '{run_dir}'.")
+        metadata = checkpointing.read_model_metadata(run_dir)
+        config = config_from_yaml(run_dir / checkpointing.CONFIG_FILE)
+        modules = build_modules(config.model, make_geometry(config.data), len(metadata["variables"]), config.train.seed)
+        manager = checkpointing.checkpoint_manager(run_dir, max_to_keep=None)
+        try:
+            steps = manager.all_steps()
+            if not steps:
+                raise FileNotFoundError(f"run '{run_dir}' has no checkpoint yet.")
+            if step is None:
+                step = max(steps)
+            elif step not in steps:
+                raise FileNotFoundError(f"run '{run_dir}' has no checkpoint at step {step}; it has {sorted(steps)}.")
+            restored, _ = checkpointing.restore(manager, step, nnx.state(modules))
+        finally:
+            manager.close()
+        nnx.update(modules, restored)
+        forecaster = cls(config, metadata, *modules, batch_size=batch_size)
+        forecaster.step = step
+        return forecaster
+
+    # -- arrays ------------------------------------------------------------------------------------------
+
+    def predict(self, coords, initial_values, times, query_coords=None) -> np.ndarray:
+        """Forecast from observed initial states.
+
+        Args:
+            coords: ``[M, D]`` user coordinates of the observations.
+            initial_values: ``[B, M, C]`` raw units; NaN where a point is not observed (every channel of a
+                point must be observed or missing together).
+            times: ``[T]`` increasing lead times >= 0.
+            query_coords: ``[Q, D]`` where to decode (default: ``coords``).
+
+        Returns:
+            ``[B, T, Q, C]`` in raw units.
+        """
+        coords_internal = self.geometry.coords_from_user(coords)
+        query_internal = coords_internal if query_coords is None else self.geometry.coords_from_user(query_coords)
+        values = np.asarray(initial_values, np.float32)
+        num_channels = len(self.variables)
+        if values.ndim != 3 or values.shape[1:] != (coords_internal.shape[0], num_channels):
+            raise ValueError(
+                f"initial_values: expected shape [B, {coords_internal.shape[0]}, {num_channels}] (batch, points, "
+                f"channels {list(self.variables)}), found {values.shape}."
+            )
+        times = np.asarray(times, np.float64)
+        check_monotone_times(times, "forecast times")
+        if times[0] < 0:
+            raise ValueError(f"forecast times are lead times and must be >= 0, found {times[0]}.")
+        finite = np.isfinite(values)
+        mask = finite.all(-1)
+        if np.any(finite.any(-1) & ~mask):
+            raise ValueError("initial_values: some points have only part of their channels observed.")
+        if not mask.any(axis=1).all():
+            raise ValueError("initial_values: a state has no observed point.")
+        normalized = np.where(mask[..., None], self.normalizer.normalize(np.nan_to_num(values)), 0.0).astype(np.float32)
+        outputs = []
+        for start in range(0, values.shape[0], self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            out = self._predict_normalized(
+                self._state, coords_internal, jnp.asarray(normalized[chunk]), jnp.asarray(mask[chunk]),
+                jnp.asarray(times, jnp.float32), query_internal,
+            )
+            outputs.append(np.asarray(out))
+        return self.normalizer.denormalize(np.concatenate(outputs, axis=0)).astype(np.float32)
+
+    # -- xarray ------------------------------------------------------------------------------------------
+
+    def forecast(
+        self,
+        initial_state: xr.Dataset,
+        times,
+        at: xr.Dataset | Mapping | None = None,
+        *,
+        variables: Sequence[str] | None = None,
+    ) -> xr.Dataset:
+        """Forecast an ``xr.Dataset`` of initial states.
+
+        Args:
+            initial_state: the model's variables with dimensions ``([trajectory,] *space)`` (a ``time``
+                dimension of size 1 is allowed and gives the initial time), where ``space`` is the grid
+                ``{axes}`` or ``(point,)`` with coordinate variables per axis. An optional boolean ``mask``
+                variable marks observed points; NaNs are allowed only where it is False.
+            times: lead times from the initial state, increasing, >= 0, in the model's time units.
+            at: where to decode: None (the input points), a mapping or Dataset with 1-D coordinates per axis
+                (a grid, any resolution), or coordinates on a ``point`` dimension (scattered points).
+            variables: which variables to return (default all).
+
+        Returns:
+            ``xr.Dataset`` with dims ``(trajectory, time, *space)``, ``time`` the initial time plus the lead
+            time and ``lead_time`` the lead time.
+        """
+        variables = self._check_variables(variables)
+        ds = self._squeeze_time(initial_state)
+        coords, values, mask_var = self._observations(ds)
+        times = np.asarray(times, np.float64).reshape(-1)
+        query, out_space_dims, out_space_shape, out_coords = self._query(ds, at)
+        n = values.shape[0]
+        if mask_var is not None:
+            values = np.where(mask_var[..., None], values, np.nan)
+        prediction = self.predict(coords, values, times, query)  # [B, T, Q, C]
+        data_vars = {}
+        for c, name in enumerate(self.variables):
+            if name in variables:
+                data = prediction[..., c].reshape((n, times.size, *out_space_shape))
+                attrs = dict(initial_state[name].attrs)
+                attrs.setdefault("units", self.units[c])
+                data_vars[name] = ((TRAJECTORY_DIM, TIME_DIM, *out_space_dims), data, attrs)
+        out_coords = dict(out_coords)
+        if TRAJECTORY_DIM in ds.coords and ds[TRAJECTORY_DIM].ndim == 1:
+            out_coords[TRAJECTORY_DIM] = ((TRAJECTORY_DIM,), ds[TRAJECTORY_DIM].values)
+        out_coords["lead_time"] = ((TIME_DIM,), times, {"units": self.time_units, "long_name": "time since the initial state"})
+        out_coords[TIME_DIM] = ((TIME_DIM,), self._valid_times(initial_state, times))
+        attrs = {"source": "enfpde Forecaster", "model_step": int(getattr(self, "step", -1))}
+        return xr.Dataset(data_vars, coords=out_coords, attrs=attrs)
+
+    def _check_variables(self, variables):
+        if variables is None:
+            return self.variables
+        unknown = [v for v in variables if v not in self.variables]
+        if unknown:
+            raise KeyError(f"unknown variable(s) {unknown}: the model forecasts {list(self.variables)}.")
+        return tuple(variables)
+
+    def _squeeze_time(self, ds: xr.Dataset) -> xr.Dataset:
+        if not isinstance(ds, xr.Dataset):
+            raise TypeError(f"initial_state must be an xarray.Dataset, found {type(ds).__name__}.")
+        if TIME_DIM in ds.dims:
+            if ds.sizes[TIME_DIM] != 1:
+                raise ValueError(
+                    f"initial_state has {ds.sizes[TIME_DIM]} times; a forecast starts from one state per trajectory: "
+                    f"select it, e.g. ds.isel(time=[0])."
+                )
+            ds = ds.isel({TIME_DIM: 0})
+        return ds
+
+    def _space_layout(self, ds, dims: tuple[str, ...], what: str):
+        if dims == tuple(self.axes):
+            return "grid"
+        if dims == (POINT_DIM,):
+            missing = [a for a in self.axes if a not in ds.variables]
+            if missing:
+                raise ValueError(f"{what}: scattered points need coordinate variables {list(self.axes)} on '{POINT_DIM}'; missing {missing}.")
+            return "points"
+        raise ValueError(
+            f"{what}: spatial dimensions {list(dims)} do not match the model's grid {list(self.axes)} "
+            f"or scattered points ['{POINT_DIM}']."
+        )
+
+    def _observations(self, ds: xr.Dataset):
+        missing = [v for v in self.variables if v not in ds.data_vars]
+        if missing:
+            raise KeyError(
+                f"initial_state lacks variable(s) {missing} the model was trained on; found {sorted(map(str, ds.data_vars))}."
+            )
+        first = ds[self.variables[0]]
+        lead = (TRAJECTORY_DIM,) if TRAJECTORY_DIM in first.dims else ()
+        if first.dims[: len(lead)] != lead:
+            raise ValueError(f"'{TRAJECTORY_DIM}' must be the first dimension of the variables, found {first.dims}.")
+        space = first.dims[len(lead):]
+        self._space_layout(ds, space, "initial_state")
+        for v in self.variables:
+            if ds[v].dims != first.dims:
+                raise ValueError(f"variable '{v}' has dimensions {ds[v].dims}, expected {first.dims} like '{self.variables[0]}'.")
+        if space == tuple(self.axes):
+            mesh = np.meshgrid(*[ds[a].values for a in self.axes], indexing="ij")
+            coords = np.stack([m.reshape(-1) for m in mesh], axis=-1)
+        else:
+            coords = np.stack([ds[a].values for a in self.axes], axis=-1)
+        values = np.stack([ds[v].values.astype(np.float32) for v in self.variables], axis=-1)
+        if not lead:
+            values = values[None]
+        values = values.reshape(values.shape[0], -1, len(self.variables))
+        mask = None
+        if "mask" in ds.data_vars:
+            mask_da = ds["mask"]
+            if mask_da.dtype != bool:
+                raise ValueError(f"'mask' must be boolean (True = observed), found dtype {mask_da.dtype}.")
+            mask = np.broadcast_to(mask_da.broadcast_like(first).values, first.shape).reshape(values.shape[:2])
+        observed = np.ones(values.shape[:2], bool) if mask is None else mask
+        bad = ~np.isfinite(values).all(-1) & observed
+        if bad.any():
+            raise ValueError(
+                f"initial_state has {int(bad.sum())} non-finite value(s) at observed points"
+                + (" (where 'mask' is True)" if mask is not None else "")
+                + ": add a boolean 'mask' variable that is False at missing points, or drop them."
+            )
+        return coords, values, mask
+
+    def _query(self, ds: xr.Dataset, at):
+        """Query coordinates [Q, D], output spatial dims, shape and coordinate variables."""
+        if at is None:
+            at = ds
+            first = ds[self.variables[0]]
+            space = first.dims[1:] if TRAJECTORY_DIM in first.dims else first.dims
+        else:
+            if not isinstance(at, (xr.Dataset, xr.DataArray, xr.Coordinates, Mapping)):
+                raise TypeError(f"'at' must be None, a mapping of coordinates or an xarray Dataset, found {type(at).__name__}.")
+            missing = [a for a in self.axes if a not in at]
+            if missing:
+                raise KeyError(f"'at' lacks coordinate(s) {missing}; expected {list(self.axes)}.")
+            arrays = {a: (at[a] if isinstance(at[a], xr.DataArray) else xr.DataArray(np.asarray(at[a]), dims=(a,))) for a in self.axes}
+            if all(arrays[a].dims == (POINT_DIM,) for a in self.axes):
+                space = (POINT_DIM,)
+            elif all(arrays[a].ndim == 1 for a in self.axes):
+                arrays = {a: xr.DataArray(arrays[a].values, dims=(a,)) for a in self.axes}
+                space = tuple(self.axes)
+            else:
+                raise ValueError(f"'at': coordinates must be 1-D per grid axis {list(self.axes)} or all on '{POINT_DIM}'.")
+            at = arrays
+        if space == tuple(self.axes):
+            axis_values = [np.asarray(at[a].values if hasattr(at[a], "values") else at[a]) for a in self.axes]
+            mesh = np.meshgrid(*axis_values, indexing="ij")
+            query = np.stack([m.reshape(-1) for m in mesh], axis=-1)
+            coords = {a: ((a,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, axis_values)}
+            return query, space, tuple(v.size for v in axis_values), coords
+        point_values = [np.asarray(at[a].values if hasattr(at[a], "values") else at[a]) for a in self.axes]
+        query = np.stack(point_values, axis=-1)
+        coords = {a: ((POINT_DIM,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, point_values)}
+        return query, (POINT_DIM,), (query.shape[0],), coords
+
+    def _valid_times(self, ds: xr.Dataset, lead: np.ndarray):
+        if TIME_DIM in ds.coords and ds[TIME_DIM].size == 1:
+            t0 = ds[TIME_DIM].values.reshape(-1)[0]
+            if np.issubdtype(np.asarray(t0).dtype, np.datetime64):
+                return t0 + (lead * 3600.0).astype("timedelta64[s]")
+            return float(t0) + lead
+        return lead
+
+
+def _axis_attrs(ds: xr.Dataset, axis: str) -> dict:
+    return dict(ds[axis].attrs) if axis in ds.variables else {}

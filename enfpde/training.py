@@ -45,9 +45,11 @@ def reconstruction_loss(model: NeuralFieldAutoencoder, coords, values, mask=None
     return masked_mse(model.reconstruct(coords, values, mask, key=key), values, mask).mean()
 
 
-def default_optimizer(learning_rate: float = 1e-4, clip_norm: float = 1.0) -> optax.GradientTransformation:
+def default_optimizer(
+    learning_rate: float = 1e-4, clip_norm: float = 1.0, weight_decay: float = 1e-4
+) -> optax.GradientTransformation:
     """AdamW with global-norm gradient clipping (REFERENCE section 1)."""
-    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate))
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, weight_decay=weight_decay))
 
 
 @dataclasses.dataclass
@@ -64,8 +66,9 @@ def make_stage1_step(
 ) -> tuple[Callable, TrainState, nnx.GraphDef]:
     """A jitted stage-1 train step over split (graphdef, state); see DEPENDENCIES.md on why not ``nnx.jit``.
 
-    The step is ``step(params, opt_state, rest, coords [M, D], values [B, M, C], key) -> (params, opt_state, loss)``
-    where ``B`` counts fields (flatten batch x frames).
+    The step is ``step(params, opt_state, rest, coords [M, D], values [B, M, C], key, mask=None)
+    -> (params, opt_state, loss)`` where ``B`` counts fields (flatten batch x frames) and ``mask [B, M]`` marks
+    observed points.
 
     With ``num_microbatches > 1`` the fields are split into that many equal groups whose gradients are
     accumulated in a ``lax.scan``: the same result (the loss is a mean over fields) with the peak memory of
@@ -76,28 +79,29 @@ def make_stage1_step(
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_fn(params, rest, coords, values, key):
-        return reconstruction_loss(nnx.merge(graphdef, params, rest), coords, values, key=key)
+    def loss_fn(params, rest, coords, values, key, mask):
+        return reconstruction_loss(nnx.merge(graphdef, params, rest), coords, values, mask, key=key)
 
-    def value_and_grad(params, rest, coords, values, key):
+    def value_and_grad(params, rest, coords, values, key, mask):
         if num_microbatches == 1:
-            return jax.value_and_grad(loss_fn)(params, rest, coords, values, key)
+            return jax.value_and_grad(loss_fn)(params, rest, coords, values, key, mask)
         if values.shape[0] % num_microbatches:
             raise ValueError(f"{values.shape[0]} fields do not split into {num_microbatches} equal micro-batches.")
-        groups = values.reshape((num_microbatches, -1) + values.shape[1:])
+        split = lambda x: None if x is None else x.reshape((num_microbatches, -1) + x.shape[1:])
         keys = jax.random.split(key, num_microbatches)
 
         def accumulate(total, group):
-            loss, grads = jax.value_and_grad(loss_fn)(params, rest, coords, *group)
+            values, key, mask = group
+            loss, grads = jax.value_and_grad(loss_fn)(params, rest, coords, values, key, mask)
             return jax.tree.map(jnp.add, total, (loss, grads)), None
 
         zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(accumulate, zero, (groups, keys))
+        (loss, grads), _ = jax.lax.scan(accumulate, zero, (split(values), keys, split(mask)))
         return jax.tree.map(lambda t: t / num_microbatches, (loss, grads))
 
     @jax.jit
-    def step(params, opt_state, rest, coords, values, key):
-        loss, grads = value_and_grad(params, rest, coords, values, key)
+    def step(params, opt_state, rest, coords, values, key, mask=None):
+        loss, grads = value_and_grad(params, rest, coords, values, key, mask)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -115,14 +119,23 @@ def trajectory_loss(
     solver: diffrax.AbstractSolver | None = None,
     dt0: float | None = 1.0,
     key: Array | None = None,
+    mask: Array | None = None,
 ) -> Array:
     """Stage-2 loss: MSE over frames, points and channels of the forecast from frame 0.
 
     Args:
-        coords: ``[M, D]``; values: ``[B, T, M, C]`` at ``times [T]`` (``times[0]`` is the initial time 0).
+        coords: ``[M, D]``; values: ``[B, T, M, C]`` at ``times [T]`` (``times[0]`` is the initial time 0);
+        mask: ``[B, T, M]`` observed points (None: all).
     """
-    pred = forecast_fields(field, encoder, dynamics, coords, values[:, 0], times, coords, solver=solver, dt0=dt0, key=key)
-    return jnp.mean((pred - values.swapaxes(0, 1)) ** 2)
+    initial_mask = None if mask is None else mask[:, 0]
+    pred = forecast_fields(
+        field, encoder, dynamics, coords, values[:, 0], times, coords, initial_mask, solver=solver, dt0=dt0, key=key
+    )
+    squared = (pred.swapaxes(0, 1) - values) ** 2
+    if mask is None:
+        return jnp.mean(squared)
+    weights = mask[..., None].astype(squared.dtype)
+    return jnp.sum(jnp.where(mask[..., None], squared, 0.0)) / jnp.maximum(jnp.sum(weights) * squared.shape[-1], 1.0)
 
 
 def make_stage2_step(
@@ -136,8 +149,9 @@ def make_stage2_step(
 ) -> tuple[Callable, TrainState, nnx.State, nnx.GraphDef]:
     """A jitted stage-2 train step that updates only the dynamics.
 
-    The step is ``step(params, opt_state, rest, frozen, coords [M, D], values [B, T, M, C], times [T], key)
-    -> (params, opt_state, loss)``, with ``frozen`` the decoder's and encoder's state.
+    The step is ``step(params, opt_state, rest, frozen, coords [M, D], values [B, T, M, C], times [T], key,
+    mask=None) -> (params, opt_state, loss)``, with ``frozen`` the decoder's and encoder's state and
+    ``mask [B, T, M]``.
 
     Returns:
         ``(step, TrainState of the dynamics, frozen state, dynamics graphdef)``.
@@ -145,15 +159,44 @@ def make_stage2_step(
     frozen_graphdef, frozen = nnx.split((field, encoder))
     graphdef, params, rest = nnx.split(dynamics, nnx.Param, ...)
 
-    def loss_fn(params, rest, frozen, coords, values, times, key):
+    def loss_fn(params, rest, frozen, coords, values, times, key, mask):
         field, encoder = nnx.merge(frozen_graphdef, jax.lax.stop_gradient(frozen))
         dynamics = nnx.merge(graphdef, params, rest)
-        return trajectory_loss(field, encoder, dynamics, coords, values, times, solver=solver, dt0=dt0, key=key)
+        return trajectory_loss(field, encoder, dynamics, coords, values, times, solver=solver, dt0=dt0, key=key, mask=mask)
 
     @jax.jit
-    def step(params, opt_state, rest, frozen, coords, values, times, key):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, frozen, coords, values, times, key)
+    def step(params, opt_state, rest, frozen, coords, values, times, key, mask=None):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, frozen, coords, values, times, key, mask)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step, TrainState(params, rest, optimizer.init(params)), frozen, graphdef
+
+
+def make_joint_step(
+    field: EquivariantNeuralField,
+    encoder: MetaSGDEncoder,
+    dynamics: EquivariantDynamics,
+    optimizer: optax.GradientTransformation,
+    *,
+    solver: diffrax.AbstractSolver | None = None,
+    dt0: float | None = 1.0,
+) -> tuple[Callable, TrainState, nnx.GraphDef]:
+    """A jitted step of the optional joint fine-tuning stage: every parameter on the trajectory loss.
+
+    The step is ``step(params, opt_state, rest, coords, values [B, T, M, C], times [T], key, mask=None)
+    -> (params, opt_state, loss)``; ``nnx.merge(graphdef, params, rest)`` gives ``(field, encoder, dynamics)``.
+    """
+    graphdef, params, rest = nnx.split((field, encoder, dynamics), nnx.Param, ...)
+
+    def loss_fn(params, rest, coords, values, times, key, mask):
+        field, encoder, dynamics = nnx.merge(graphdef, params, rest)
+        return trajectory_loss(field, encoder, dynamics, coords, values, times, solver=solver, dt0=dt0, key=key, mask=mask)
+
+    @jax.jit
+    def step(params, opt_state, rest, coords, values, times, key, mask=None):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, coords, values, times, key, mask)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, TrainState(params, rest, optimizer.init(params)), graphdef

@@ -1,0 +1,76 @@
+"""The run directory: resolved config, model metadata, orbax checkpoints and the metrics log.
+
+Layout of ``runs/<name>/``::
+
+    config.yaml       the resolved RunConfig (enfpde.config)
+    model.json        what a forecast needs besides weights: variables, units, axes, time units,
+                      normalisation statistics fitted on the training split, the horizon
+    checkpoints/<step>/{model,train}   orbax checkpoints; ``model`` holds the decoder, encoder and dynamics
+                      states, ``train`` the optimiser states and the step
+    metrics.jsonl     one JSON object per logged step
+    eval/             evaluation reports, figures and forecasts
+
+Checkpoints are written by orbax's CheckpointManager (never by hand); ``model`` can be restored alone,
+which is what :meth:`enfpde.forecaster.Forecaster.load` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.json"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+def checkpoint_manager(run_dir: str | os.PathLike, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
+    """The run's CheckpointManager (items ``model`` and ``train``), keeping the newest ``max_to_keep``."""
+    directory = Path(run_dir).resolve() / CHECKPOINT_DIR
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def abstract(tree):
+    """Shapes and dtypes of a pytree of arrays: the restore target orbax needs."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def save(manager: ocp.CheckpointManager, step: int, model_state, train_state) -> None:
+    """Save both items at ``step`` (asynchronously; call ``manager.wait_until_finished()`` before reading)."""
+    manager.save(
+        step,
+        args=ocp.args.Composite(model=ocp.args.StandardSave(model_state), train=ocp.args.StandardSave(train_state)),
+        force=True,
+    )
+
+
+def restore(manager: ocp.CheckpointManager, step: int, model_target, train_target=None):
+    """Restore ``model`` (and ``train`` if a target is given) at ``step`` into the targets' structure."""
+    items = {"model": ocp.args.StandardRestore(abstract(model_target))}
+    if train_target is not None:
+        items["train"] = ocp.args.StandardRestore(abstract(train_target))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["model"], restored.get("train") if train_target is not None else None
+
+
+def read_model_metadata(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"'{run_dir}' is not an enfpde run directory: {MODEL_FILE} is missing (train a model with `enfpde train`)."
+        )
+    return json.loads(path.read_text())
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The metrics log as a list of records (empty if the run has not logged yet)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,166 @@
+"""Typed run configuration: dataclasses, YAML presets and command-line overrides (through omegaconf).
+
+A run is described by one :class:`RunConfig`. Presets are YAML files holding any subset of its fields
+(``experiments/configs/<name>.yaml``); overrides are ``section.field=value`` strings, e.g.
+``train.stage1.epochs=10``. Unknown keys and values of the wrong type are errors. The resolved config is
+written into every run directory (``config.yaml``) and is what :meth:`enfpde.forecaster.Forecaster.load`
+rebuilds the model from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = REPOSITORY_ROOT / "experiments" / "configs"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the data is and how it is split in time.
+
+    ``horizon`` is the number of frames of the training horizon (t_in, frame 0 included); the frames after
+    it are t_out. ``geometry`` is ``torus``, ``plane``, ``sphere``, ``axial_sphere`` or ``absolute``;
+    ``periods`` are the torus periods in the units of the coordinates (ordered like the spatial dimensions).
+    """
+
+    train: str = "data/navier_stokes/train.nc"
+    test: str = "data/navier_stokes/test.nc"
+    test_fine: Optional[str] = "data/navier_stokes/test_fine.nc"
+    variables: Optional[list[str]] = None
+    horizon: int = 10
+    geometry: str = "torus"
+    periods: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0])
+    periodic_axes: list[str] = dataclasses.field(default_factory=lambda: ["y", "x"])
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Decoder, Meta-SGD encoder and latent dynamics (REFERENCE section 3, released NS config by default)."""
+
+    num_latents: int = 4
+    latent_dim: int = 16
+    num_hidden: int = 128
+    num_heads: int = 2
+    num_frequencies: int = 16
+    query_std: float = 0.05
+    value_std: float = 0.1
+    k_nearest: Optional[int] = None
+    chunk_size: int = 512
+    width_factor: float = 1.0
+    inner_steps: int = 3
+    inner_points: Optional[int] = None
+    first_order: bool = False
+    pose_lr: float = 1.0
+    context_lr: float = 5.0
+    learn_poses: bool = True
+    dynamics_hidden: int = 128
+    dynamics_layers: int = 3
+    dynamics_frequencies: int = 32
+    kernel_radius: Optional[float] = None
+    solver: str = "euler"
+    dt0: float = 1.0
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """One training stage: epochs (passes over the training trajectories) and the AdamW learning rate."""
+
+    epochs: int = 0
+    learning_rate: float = 1e-4
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The two-stage schedule (REFERENCE section 1) and the loop's bookkeeping.
+
+    Stage 1 fits the decoder and the Meta-SGD step sizes on every frame of the horizon; stage 2 the dynamics
+    with the rest frozen; the optional joint stage fine-tunes everything on the trajectory loss.
+    ``batch_size`` counts trajectories (stage 1 uses all their horizon frames); ``num_points`` is the random
+    subset of points per step. ``checkpoint_every`` is in steps.
+    """
+
+    batch_size: int = 8
+    num_points: Optional[int] = 512
+    stage1: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(400, 1e-4))
+    stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(1600, 1e-3))
+    joint: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(0, 1e-5))
+    clip_norm: float = 1.0
+    weight_decay: float = 1e-4
+    num_microbatches: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation settings (see :func:`enfpde.evaluation.evaluate`)."""
+
+    batch_size: int = 8
+    sparse_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.05])
+    shift: bool = True
+    train_split: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything a run needs; saved as ``config.yaml`` in the run directory."""
+
+    name: str = "navier_stokes"
+    dataset: Optional[str] = "datasets/navier_stokes.yaml"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A preset or an override does not fit :class:`RunConfig`."""
+
+
+def preset_path(preset: str | os.PathLike) -> Path:
+    """A preset name (``quick`` -> ``experiments/configs/quick.yaml``) or a path to a YAML file."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise FileNotFoundError(f"no config file at '{path}'.")
+        return path
+    candidate = PRESET_DIR / f"{preset}.yaml"
+    if not candidate.exists():
+        available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.exists() else []
+        raise FileNotFoundError(f"unknown preset {str(preset)!r}; available presets in {PRESET_DIR}: {available}.")
+    return candidate
+
+
+def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the preset's YAML, then ``key=value`` overrides; returns a validated :class:`RunConfig`."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    try:
+        if preset is not None:
+            layers.append(OmegaConf.load(preset_path(preset)))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like section.field=value, found {bad}.")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid configuration: {error}") from None
+
+
+def config_from_yaml(path: str | os.PathLike) -> RunConfig:
+    """Read a saved ``config.yaml`` (strictly: it must be a complete, valid :class:`RunConfig`)."""
+    return load_config(Path(path))
+
+
+def to_yaml(config: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -1,0 +1,1 @@
+"""Datasets: the trajectory schema and data layer, and one module per data source."""

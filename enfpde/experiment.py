@@ -1,0 +1,233 @@
+"""Workflows built from the library's parts: evaluate a run, forecast a file, the quickstart.
+
+These are what the command line (:mod:`enfpde.cli`) and the experiment scripts call; each step writes into
+the run directory and refuses to replace earlier output unless asked to.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from enfpde import checkpointing
+from enfpde.config import REPOSITORY_ROOT, RunConfig, config_from_yaml, load_config
+from enfpde.data.trajectories import TIME_DIM, TrajectoryDataset, open_dataset
+from enfpde.evaluation import evaluate, render_markdown, write_report, write_text_atomic
+from enfpde.forecaster import Forecaster
+
+EVAL_DIR = "eval"
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    return Path("runs") / config.name
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    figures: bool = True,
+    forecaster: Forecaster | None = None,
+) -> Path:
+    """Evaluate a trained run on its test split (all protocol settings) and its train split (standard).
+
+    Writes ``<run_dir>/eval/{test,train}/metrics.{json,md}``, ``eval/report.md`` (both tables), and with
+    ``figures`` ``eval/forecast_vs_truth.png``, ``eval/rollout.gif`` and ``eval/mse_per_lead_time.png``.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    run_dir = Path(run_dir)
+    config = config_from_yaml(run_dir / checkpointing.CONFIG_FILE)
+    model = forecaster or Forecaster.load(run_dir)
+    meta = model.metadata
+    out = run_dir / EVAL_DIR
+    report_path = out / "report.md"
+    targets = [report_path, out / "test" / "metrics.json", out / "train" / "metrics.json"]
+    if figures:
+        targets += [out / "forecast_vs_truth.png", out / "rollout.gif", out / "mse_per_lead_time.png"]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"evaluation output exists ({', '.join(existing)}); pass --overwrite to replace it.")
+
+    variables = list(model.variables)
+    test = TrajectoryDataset.open(config.data.test, variables)
+    fine = TrajectoryDataset.open(config.data.test_fine, variables) if config.data.test_fine else None
+    ec = config.eval
+    common = dict(
+        horizon_time=meta["horizon_time"],
+        periodic_axes=tuple(config.data.periodic_axes) or None,
+        latitude_weighted="latitude" in test.axes,
+        seed=ec.seed,
+        batch_size=ec.batch_size,
+        progress=progress,
+        name="ENF",
+    )
+    start = time.perf_counter()
+    results = {
+        "test": evaluate(model, test, fine=fine, sparse_fractions=tuple(ec.sparse_fractions), shift=ec.shift, **common)
+    }
+    if ec.train_split:
+        train = TrajectoryDataset.open(config.data.train, variables).select(frames=slice(0, test.num_frames))
+        results["train"] = evaluate(model, train, sparse_fractions=(), shift=False, **common)
+    elapsed = time.perf_counter() - start
+    sections = [f"# Evaluation of `{run_dir}` (checkpoint step {model.step})\n"]
+    for split, result in results.items():
+        result["checkpoint_step"] = model.step
+        write_report(result, out / split, title=f"{split} split", overwrite=overwrite)
+        sections.append(render_markdown(result, title=f"{split} split"))
+    sections.append(f"Evaluation took {elapsed:.1f} s.\n")
+    if figures:
+        sections.append(_figures(model, test, fine, results["test"], out, meta, overwrite))
+    write_text_atomic(report_path, "\n".join(sections))
+    return report_path
+
+
+def _figures(model, test, fine, result, out: Path, meta: dict, overwrite: bool) -> str:
+    """Forecast-versus-truth PNG and rollout GIF of the first test trajectory, MSE per lead time."""
+    from enfpde.plotting import animate_rollout, grid_extent, grid_frames, plot_forecast_vs_truth, plot_mse_per_lead_time
+
+    if test.grid_shape is None:
+        return "Figures need a gridded test split; skipped.\n"
+    horizon = meta["horizon_time"]
+    labels = tuple(test.axes[::-1])
+    variable, units = test.variables[0], test.units[0]
+    times = test.times - test.times[0]
+    pred = model.predict(test.coords, test.values[:1, 0], times)
+    extent = grid_extent(test)
+    plot_forecast_vs_truth(
+        grid_frames(test, test.values[0]), grid_frames(test, pred[0]), times, out / "forecast_vs_truth.png",
+        horizon_time=horizon, variable=variable, units=units, extent=extent, axis_labels=labels, overwrite=overwrite,
+    )
+    movie = fine if fine is not None else test
+    movie_times = movie.times - movie.times[0]
+    pred = model.predict(movie.coords, movie.values[:1, 0], movie_times)
+    animate_rollout(
+        grid_frames(movie, movie.values[0]), grid_frames(movie, pred[0]), movie_times, out / "rollout.gif",
+        horizon_time=horizon, variable=variable, units=units, extent=extent, axis_labels=labels, overwrite=overwrite,
+    )
+    plot_mse_per_lead_time(result, out / "mse_per_lead_time.png", overwrite=overwrite)
+    return (
+        "![forecast versus truth](forecast_vs_truth.png)\n\n![MSE per lead time](mse_per_lead_time.png)\n\n"
+        "![rollout](rollout.gif)\n"
+    )
+
+
+def regular_grid(model: Forecaster, resolution: str) -> dict[str, np.ndarray]:
+    """Coordinates of a regular grid ``"NxM"`` (one size per axis, in the model's axis order) on its domain."""
+    try:
+        sizes = [int(s) for s in resolution.lower().split("x")]
+    except ValueError:
+        raise ValueError(f"resolution must look like 128x128, found {resolution!r}.") from None
+    if len(sizes) != len(model.axes) or min(sizes) < 1:
+        raise ValueError(f"resolution {resolution!r} needs {len(model.axes)} positive sizes for axes {list(model.axes)}.")
+    grid = {}
+    for axis, n in zip(model.axes, sizes):
+        if axis == "latitude":
+            grid[axis] = -90.0 + (np.arange(n) + 0.5) * 180.0 / n  # cell centres, poles excluded
+        elif axis == "longitude":
+            grid[axis] = np.arange(n) * 360.0 / n
+        else:
+            period = model.config.data.periods[model.axes.index(axis)]
+            grid[axis] = np.arange(n) * period / n
+    return grid
+
+
+def forecast_file(
+    run_dir,
+    input_path,
+    output_path,
+    *,
+    times,
+    at=None,
+    resolution: str | None = None,
+    variables=None,
+    overwrite: bool = False,
+) -> Path:
+    """Forecast the initial state(s) in ``input_path`` (its first time) and write netCDF to ``output_path``.
+
+    The output location is ``at`` (a netCDF/zarr whose coordinates give the grid or points), a regular grid
+    of ``resolution``, or the input points. Every input is validated before anything is written; the file is
+    written to a temporary name and renamed, and an existing output is never replaced without ``overwrite``.
+    """
+    output_path = Path(output_path)
+    if output_path.exists() and not overwrite:
+        raise FileExistsError(f"output '{output_path}' exists; pass --overwrite to replace it.")
+    if at is not None and resolution is not None:
+        raise ValueError("give either --at or --resolution, not both.")
+    model = Forecaster.load(run_dir)
+    ds = open_dataset(input_path)
+    if TIME_DIM in ds.dims and ds.sizes[TIME_DIM] > 1:
+        ds = ds.isel({TIME_DIM: [0]})
+    location = None
+    if at is not None:
+        location = open_dataset(at)
+    elif resolution is not None:
+        location = regular_grid(model, resolution)
+    forecast = model.forecast(ds.load(), times, at=location, variables=variables)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(f".{output_path.name}.tmp")
+    forecast.to_netcdf(tmp, engine="netcdf4")
+    os.replace(tmp, output_path)
+    return output_path
+
+
+def quickstart(workdir: Path = Path("."), *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Generate a small Navier-Stokes dataset, train the ``quick`` preset, evaluate it against persistence,
+    and write a forecast netCDF (2x resolution, frames every 0.25) and figures. About 10 minutes on 2 cores.
+
+    Returns the run directory.
+    """
+    from enfpde.data.navier_stokes import generate_dataset
+    from enfpde.trainer import train
+
+    start = time.perf_counter()
+    workdir = Path(workdir)
+    data_dir = workdir / "data" / "navier_stokes_quick"
+    run_dir = workdir / "runs" / "quickstart"
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"'{run_dir}' exists from an earlier quickstart; pass --overwrite to redo it.")
+    dataset_yaml = REPOSITORY_ROOT / "datasets" / "navier_stokes_quick.yaml"
+    print(f"[1/4] generating the dataset ({dataset_yaml.name}) into {data_dir}", flush=True)
+    splits = {name: data_dir / f"{name}.nc" for name in ("train", "test", "test_fine")}
+    if overwrite or not all(p.exists() for p in splits.values()):
+        splits = generate_dataset(dataset_yaml, output_dir=data_dir, overwrite=overwrite, progress=progress)
+    else:
+        print("      (already there; reusing it)")
+    config = load_config(
+        "quick",
+        [f"data.train={splits['train']}", f"data.test={splits['test']}", f"data.test_fine={splits['test_fine']}"],
+    )
+    print(f"[2/4] training the quick preset into {run_dir}", flush=True)
+    train(config, run_dir, overwrite=overwrite, progress=progress)
+    print("[3/4] evaluating against persistence", flush=True)
+    report = evaluate_run(run_dir, overwrite=overwrite, progress=progress)
+    print("[4/4] forecasting test trajectory 0 at 128 x 128, every 0.25 time units", flush=True)
+    forecast_path = forecast_file(
+        run_dir, splits["test"], run_dir / "forecast.nc", times=np.arange(0.0, 19.01, 0.25), resolution="128x128",
+        overwrite=overwrite,
+    )
+    elapsed = time.perf_counter() - start
+    summary = _summary_table(run_dir)
+    print(
+        f"\nquickstart finished in {elapsed / 60:.1f} min\n{summary}\n"
+        f"report:   {report}\nforecast: {forecast_path}\nfigures:  {run_dir / EVAL_DIR}/*.png, rollout.gif"
+    )
+    return run_dir
+
+
+def _summary_table(run_dir: Path) -> str:
+    import json
+
+    lines = ["| split | ENF t_in | ENF t_out | persistence t_in | persistence t_out |", "|---|---|---|---|---|"]
+    for split in ("test", "train"):
+        path = run_dir / EVAL_DIR / split / "metrics.json"
+        if path.exists():
+            s = json.loads(path.read_text())["settings"]["standard"]
+            m, p = s["model"], s["persistence"]
+            lines.append(f"| {split} | {m['t_in']:.3e} | {m['t_out']:.3e} | {p['t_in']:.3e} | {p['t_out']:.3e} |")
+    return "\n".join(lines)

@@ -1,0 +1,363 @@
+"""The training loop: two stages (and an optional joint one), checkpoints, resume, metrics, progress.
+
+One global step counter runs through the stages: stage 1 (decoder + Meta-SGD step sizes, reconstruction of
+every horizon frame), stage 2 (dynamics only, trajectory loss from frame 0), then joint fine-tuning
+(everything, trajectory loss). Each stage has its own AdamW state. The batch and the random key of a step
+are pure functions of ``(seed, step)``, so a run killed at any moment and resumed from its last checkpoint
+continues exactly the sequence an uninterrupted run would have followed.
+
+Data parallelism: with several local devices the batch axis of every batch is sharded over a 1-D
+``jax.sharding.Mesh`` and the parameters are replicated; ``jax.jit`` partitions the step (gradients are
+all-reduced by the compiler). The result equals the single-device step up to float reassociation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from enfpde import checkpointing
+from enfpde.config import ConfigError, RunConfig, config_from_yaml, to_yaml
+from enfpde.data.trajectories import BatchSampler, TrajectoryDataset, save_json_atomic
+from enfpde.forecaster import build_modules, make_geometry
+from enfpde.rollout import solver_from_name
+from enfpde.training import (
+    NeuralFieldAutoencoder,
+    default_optimizer,
+    make_joint_step,
+    make_stage1_step,
+    make_stage2_step,
+)
+
+STAGES = ("stage1", "stage2", "joint")
+
+# Fields of the config that may change when a run is resumed: lengthening the schedule or changing the
+# bookkeeping does not change what the steps already taken mean.
+RESUMABLE_CHANGES = {
+    "train.stage2.epochs",
+    "train.joint.epochs",
+    "train.joint.learning_rate",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class RunExistsError(FileExistsError):
+    """The run directory already holds a run and neither resume nor overwrite was asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Stage boundaries in global steps."""
+
+    steps_per_epoch: int
+    epochs: tuple[int, int, int]
+
+    @property
+    def boundaries(self) -> tuple[int, int, int]:
+        ends = np.cumsum([e * self.steps_per_epoch for e in self.epochs])
+        return tuple(int(e) for e in ends)
+
+    @property
+    def total_steps(self) -> int:
+        return self.boundaries[-1]
+
+    def stage(self, step: int) -> str:
+        for name, end in zip(STAGES, self.boundaries):
+            if step < end:
+                return name
+        raise ValueError(f"step {step} is past the end of the schedule ({self.total_steps} steps).")
+
+
+def _flatten_dict(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten_dict(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_resumable(saved: RunConfig, requested: RunConfig) -> None:
+    a = _flatten_dict(dataclasses.asdict(saved))
+    b = _flatten_dict(dataclasses.asdict(requested))
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(
+            f"cannot resume with a different configuration; changed: "
+            + ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+            + f". Only {sorted(RESUMABLE_CHANGES)} may change on resume; start a new run for anything else."
+        )
+
+
+class Trainer:
+    """Trains the forecaster of a :class:`RunConfig` into a run directory.
+
+    Args:
+        config: the run configuration.
+        run_dir: the run directory (created; see :mod:`enfpde.checkpointing` for its layout).
+        resume: continue the run in ``run_dir`` from its latest checkpoint.
+        overwrite: delete an existing run in ``run_dir`` first (without it, an existing run is an error).
+        progress: show a progress bar.
+        devices: devices for data parallelism (default: all local devices).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | os.PathLike,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        devices=None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self._prepare_run_dir(config, resume, overwrite)
+        self.train_data = TrajectoryDataset.open(self.config.data.train, self.config.data.variables)
+        horizon = self.config.data.horizon
+        if not 1 < horizon <= self.train_data.num_frames:
+            raise ConfigError(
+                f"data.horizon = {horizon} must be in [2, {self.train_data.num_frames}] (frames in the training file)."
+            )
+        self.normalizer = self.train_data.fit_normalizer()
+        self._write_metadata()
+        self.geometry = make_geometry(self.config.data)
+        self.modules = build_modules(
+            self.config.model, self.geometry, len(self.train_data.variables), self.config.train.seed
+        )
+        tc = self.config.train
+        self.sampler = BatchSampler(
+            self.train_data, self.normalizer, tc.batch_size, tc.num_points, frames=slice(0, horizon), seed=tc.seed
+        )
+        self.has_missing = not bool(self.train_data.mask[:, :horizon].all())
+        self.schedule = Schedule(self.sampler.steps_per_epoch, (tc.stage1.epochs, tc.stage2.epochs, tc.joint.epochs))
+        times = self.train_data.times[:horizon]
+        self.times = jnp.asarray(times - times[0], jnp.float32)
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        self.mesh = Mesh(np.asarray(self.devices), ("batch",))
+        self._check_divisible()
+        self._build_steps()
+
+    # -- run directory -----------------------------------------------------------------------------------
+
+    def _prepare_run_dir(self, config: RunConfig, resume: bool, overwrite: bool) -> None:
+        config_path = self.run_dir / checkpointing.CONFIG_FILE
+        exists = self.run_dir.exists() and any(self.run_dir.iterdir())
+        if resume:
+            if not config_path.exists():
+                raise FileNotFoundError(f"cannot resume: '{self.run_dir}' holds no run ({config_path.name} missing).")
+            _check_resumable(config_from_yaml(config_path), config)
+        elif exists:
+            if not overwrite:
+                raise RunExistsError(
+                    f"'{self.run_dir}' already holds a run: resume it with --resume, pick another directory, or "
+                    f"replace it with --overwrite."
+                )
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        tmp = config_path.with_name(".config.yaml.tmp")
+        tmp.write_text(to_yaml(config))
+        os.replace(tmp, config_path)
+        self.resume = resume
+
+    def _write_metadata(self) -> None:
+        data, horizon = self.train_data, self.config.data.horizon
+        frame_interval = float(np.median(np.diff(data.times))) if data.num_frames > 1 else 1.0
+        save_json_atomic(
+            self.run_dir / checkpointing.MODEL_FILE,
+            {
+                "variables": list(data.variables),
+                "units": list(data.units),
+                "axes": list(data.axes),
+                "grid_shape": list(data.grid_shape) if data.grid_shape else None,
+                "time_units": data.time_units,
+                "frame_interval": frame_interval,
+                "horizon": horizon,
+                "horizon_time": float(data.times[horizon - 1] - data.times[0]) + frame_interval,
+                "normalizer": self.normalizer.to_dict(),
+                "train_file": str(self.config.data.train),
+            },
+        )
+
+    # -- steps -------------------------------------------------------------------------------------------
+
+    def _check_divisible(self) -> None:
+        n = len(self.devices)
+        tc = self.config.train
+        for what, size in (("stage-1 fields (batch_size x horizon)", tc.batch_size * self.config.data.horizon),
+                           ("batch_size", tc.batch_size)):
+            if size % n:
+                raise ConfigError(f"{what} = {size} must be divisible by the {n} devices used for data parallelism.")
+
+    def _optimizer(self, stage):
+        tc = self.config.train
+        return default_optimizer(stage.learning_rate, tc.clip_norm, tc.weight_decay)
+
+    def _build_steps(self) -> None:
+        field, encoder, dynamics = self.modules
+        tc, mc = self.config.train, self.config.model
+        solver = solver_from_name(mc.solver)
+        self.autoencoder = NeuralFieldAutoencoder(field, encoder)
+        self.step1, s1, _ = make_stage1_step(
+            self.autoencoder, self._optimizer(tc.stage1), num_microbatches=tc.num_microbatches
+        )
+        self.step2, s2, _, _ = make_stage2_step(
+            field, encoder, dynamics, self._optimizer(tc.stage2), solver=solver, dt0=mc.dt0
+        )
+        self.step3, s3, _ = make_joint_step(field, encoder, dynamics, self._optimizer(tc.joint), solver=solver, dt0=mc.dt0)
+        self.opt_states = {"stage1": s1.opt_state, "stage2": s2.opt_state, "joint": s3.opt_state}
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def _train_state(self, step: int) -> dict:
+        return {"step": jnp.asarray(step, jnp.int32), **self.opt_states}
+
+    def _save(self, manager, step: int) -> None:
+        model_state = nnx.state(self.modules)
+        leaves = jax.tree.leaves(nnx.to_pure_dict(model_state))
+        if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)):
+            raise NonFiniteLossError(f"parameters became non-finite at step {step}; not saving them.")
+        checkpointing.save(manager, step, model_state, self._train_state(step))
+
+    def _restore(self, manager) -> int:
+        step = manager.latest_step()
+        if step is None:
+            return 0
+        model_state, train_state = checkpointing.restore(
+            manager, step, nnx.state(self.modules), self._train_state(0)
+        )
+        nnx.update(self.modules, model_state)
+        self.opt_states = {k: train_state[k] for k in STAGES}
+        return int(train_state["step"])
+
+    def _truncate_metrics(self, last_step: int) -> None:
+        """Drop log lines of steps after the checkpoint we resume from (they will be redone)."""
+        records = [r for r in checkpointing.read_metrics(self.run_dir) if r["step"] < last_step]
+        path = self.run_dir / checkpointing.METRICS_FILE
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
+
+    def _shard(self, x, batch_axis: bool):
+        spec = PartitionSpec("batch") if batch_axis else PartitionSpec()
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def run(self, *, stop_after: int | None = None) -> Path:
+        """Train to the end of the schedule (or until global step ``stop_after``, for tests and budgets).
+
+        Returns the run directory. Raises :class:`NonFiniteLossError` on a NaN or infinite loss.
+        """
+        tc = self.config.train
+        manager = checkpointing.checkpoint_manager(self.run_dir, max_to_keep=tc.keep_checkpoints)
+        try:
+            start = self._restore(manager) if self.resume else 0
+            self._truncate_metrics(start)
+            end = self.schedule.total_steps if stop_after is None else min(stop_after, self.schedule.total_steps)
+            self._loop(manager, start, end)
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+        return self.run_dir
+
+    def _stage_params(self, stage: str):
+        field, encoder, dynamics = self.modules
+        if stage == "stage1":
+            return nnx.split(self.autoencoder, nnx.Param, ...)[1:]
+        if stage == "stage2":
+            return nnx.split(dynamics, nnx.Param, ...)[1:]
+        return nnx.split(self.modules, nnx.Param, ...)[1:]
+
+    def _write_back(self, stage: str, params, rest) -> None:
+        """Copy a stage's parameters back into the modules (the source of truth between stages)."""
+        target = {"stage1": self.autoencoder, "stage2": self.modules[2], "joint": self.modules}[stage]
+        nnx.update(target, params, rest)
+
+    def _loop(self, manager, start: int, end: int) -> None:
+        tc = self.config.train
+        metrics_path = self.run_dir / checkpointing.METRICS_FILE
+        bar = tqdm(total=end, initial=start, disable=not self.progress, desc="training", unit="step", dynamic_ncols=True)
+        base_key = jax.random.key(tc.seed)
+        stage, params, rest, frozen, opt_state = None, None, None, None, None
+        t_start = time.perf_counter()
+        with open(metrics_path, "a") as log:
+            for step in range(start, end):
+                new_stage = self.schedule.stage(step)
+                if new_stage != stage:
+                    if stage is not None:
+                        self._write_back(stage, params, rest)
+                        self.opt_states[stage] = opt_state
+                    stage = new_stage
+                    params, rest = self._stage_params(stage)
+                    params, rest = self._shard(params, False), self._shard(rest, False)
+                    opt_state = self._shard(self.opt_states[stage], False)
+                    if stage == "stage2":
+                        frozen = self._shard(nnx.state((self.modules[0], self.modules[1])), False)
+                    bar.set_description(stage)
+                batch = self.sampler(step)
+                key = jax.random.fold_in(base_key, step)
+                coords = self._shard(self.geometry.coords_from_user(batch.coords), False)
+                mask = None
+                if stage == "stage1":
+                    b, t = batch.values.shape[:2]
+                    values = self._shard(batch.values.reshape((b * t,) + batch.values.shape[2:]), True)
+                    if self.has_missing:
+                        mask = self._shard(batch.mask.reshape(b * t, -1), True)
+                    params, opt_state, loss = self.step1(params, opt_state, rest, coords, values, key, mask)
+                else:
+                    values = self._shard(batch.values, True)
+                    if self.has_missing:
+                        mask = self._shard(batch.mask, True)
+                    if stage == "stage2":
+                        params, opt_state, loss = self.step2(params, opt_state, rest, frozen, coords, values, self.times, key, mask)
+                    else:
+                        params, opt_state, loss = self.step3(params, opt_state, rest, coords, values, self.times, key, mask)
+                loss = float(loss)
+                epoch = step // self.schedule.steps_per_epoch
+                if not math.isfinite(loss):
+                    bar.close()
+                    manager.wait_until_finished()
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss}) at step {step} ({stage}, epoch {epoch}); training stopped. The last "
+                        f"good checkpoint (step {manager.latest_step()}) is kept in '{self.run_dir}'. Lower "
+                        f"train.{stage}.learning_rate or train.clip_norm and resume or restart."
+                    )
+                record = {"step": step, "epoch": epoch, "stage": stage, "loss": loss,
+                          "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3e}", epoch=epoch)
+                done = step + 1
+                stage_end = done in self.schedule.boundaries
+                if done % tc.checkpoint_every == 0 or stage_end or done == end:
+                    self._write_back(stage, params, rest)
+                    self.opt_states[stage] = opt_state
+                    self._save(manager, done)
+        bar.close()
+
+
+def train(config: RunConfig, run_dir, **kwargs) -> Path:
+    """Train ``config`` into ``run_dir``; see :class:`Trainer` for the options."""
+    stop_after = kwargs.pop("stop_after", None)
+    return Trainer(config, run_dir, **kwargs).run(stop_after=stop_after)
