@@ -1,0 +1,158 @@
+"""The training loop: run directory, checkpoints, resume after a kill, non-finite losses, data parallelism."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from enfpde import checkpointing
+from enfpde.config import ConfigError, config_from_yaml, load_config, to_yaml
+from enfpde.forecaster import Forecaster
+from enfpde.trainer import NonFiniteLossError, RunExistsError, Trainer, train
+
+pytestmark = pytest.mark.xdist_group("tiny_run")
+
+
+def model_leaves(run_dir):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(Forecaster.load(run_dir).modules))]
+
+
+def test_run_directory_layout(tiny_run, tiny_config):
+    assert config_from_yaml(tiny_run / "config.yaml") == tiny_config
+    meta = json.loads((tiny_run / "model.json").read_text())
+    assert meta["variables"] == ["u"] and meta["axes"] == ["y", "x"] and meta["horizon_time"] == 4.0
+    records = checkpointing.read_metrics(tiny_run)
+    assert [r["step"] for r in records] == list(range(8))
+    assert [r["stage"] for r in records] == ["stage1"] * 4 + ["stage2"] * 4
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert sorted(int(p.name) for p in (tiny_run / "checkpoints").iterdir() if p.name.isdigit())[-1] == 8
+
+
+def test_stage2_leaves_the_decoder_untouched(tiny_run, tmp_path, tiny_config):
+    stage1_only = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, stage2=dataclasses.replace(tiny_config.train.stage2, epochs=0)))
+    run = train(stage1_only, tmp_path / "s1", progress=False)
+    a, b = Forecaster.load(run).modules, Forecaster.load(tiny_run).modules
+    for x, y in zip(jax.tree.leaves(nnx.state(a[:2])), jax.tree.leaves(nnx.state(b[:2]))):
+        np.testing.assert_array_equal(x, y)  # stage 2 froze the decoder and encoder
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(nnx.state(a[2])), jax.tree.leaves(nnx.state(b[2]))))
+
+
+def test_resume_after_kill_continues_the_same_sequence(tiny_run, tiny_config, tmp_path):
+    """Kill a CLI training process with SIGKILL after its first checkpoint, resume it, and compare with the
+    uninterrupted run: same losses, same final parameters."""
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(to_yaml(tiny_config))
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "enfpde.cli", "train", "--preset", str(preset), "--run-dir", str(run_dir), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if (run_dir / "checkpoints").exists() and any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir()):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = len(checkpointing.read_metrics(run_dir))
+    assert killed_at < 8
+    Trainer(tiny_config, run_dir, resume=True, progress=False).run()
+    resumed, reference = checkpointing.read_metrics(run_dir), checkpointing.read_metrics(tiny_run)
+    assert [r["step"] for r in resumed] == list(range(8))
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=1e-6)
+    for x, y in zip(model_leaves(run_dir), model_leaves(tiny_run)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_existing_run_is_never_replaced_silently(tiny_run, tiny_config):
+    before = sorted(p.name for p in tiny_run.iterdir())
+    with pytest.raises(RunExistsError, match="--resume.*--overwrite"):
+        Trainer(tiny_config, tiny_run, progress=False)
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+def test_resume_rejects_a_different_model(tiny_config, tmp_path):
+    run = tmp_path / "r"
+    Trainer(tiny_config, run, progress=False)  # writes config.yaml only
+    changed = dataclasses.replace(
+        tiny_config, model=dataclasses.replace(tiny_config.model, latent_dim=4)
+    )
+    with pytest.raises(ConfigError, match=r"model.latent_dim: 8 -> 4"):
+        Trainer(changed, run, resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+    config = dataclasses.replace(
+        tiny_config,
+        train=dataclasses.replace(
+            tiny_config.train, stage1=dataclasses.replace(tiny_config.train.stage1, learning_rate=1e30),
+            clip_norm=1e30, checkpoint_every=1,
+        ),
+    )
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at step \d+ \(stage1.*last good checkpoint \(step \d+\)"):
+        train(config, run, progress=False)
+    forecaster = Forecaster.load(run)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(nnx.state(forecaster.modules)))
+    last_logged = checkpointing.read_metrics(run)[-1]["step"]
+    assert forecaster.step <= last_logged + 1
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="nonexistent"):
+        load_config(None, ["train.nonexistent=1"])
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config(None, ["train.stage1.epochs=many"])
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["train.stage1.epochs"])
+    with pytest.raises(FileNotFoundError, match="available presets"):
+        load_config("no_such_preset")
+    for preset in ("quick", "paper"):
+        assert load_config(preset).data.geometry == "torus"
+
+
+DATA_PARALLEL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    import jax, numpy as np
+    from flax import nnx
+    from enfpde.config import config_from_yaml
+    from enfpde.trainer import Trainer
+    from enfpde import checkpointing
+    assert jax.device_count() == 2, jax.devices()
+    config = config_from_yaml(sys.argv[1])
+    out = {}
+    for name, devices in (("one", jax.devices()[:1]), ("two", jax.devices())):
+        trainer = Trainer(config, os.path.join(sys.argv[2], name), progress=False, devices=devices)
+        trainer.run()
+        leaves = jax.tree.leaves(nnx.state(trainer.modules))
+        out[name] = {"loss": [r["loss"] for r in checkpointing.read_metrics(trainer.run_dir)],
+                     "params": [np.asarray(x).ravel().tolist() for x in leaves if np.issubdtype(np.asarray(x).dtype, np.floating)]}
+    print(json.dumps(out))
+    """
+)
+
+
+def test_data_parallel_on_two_simulated_devices_matches_one(tiny_config, tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(to_yaml(tiny_config))
+    result = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL_SCRIPT, str(preset), str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["two"]["loss"], out["one"]["loss"], rtol=2e-5)
+    for a, b in zip(out["two"]["params"], out["one"]["params"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
