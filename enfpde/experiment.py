@@ -43,7 +43,7 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     config = config_from_yaml(run_dir / checkpointing.CONFIG_FILE)
-    model = forecaster or Forecaster.load(run_dir)
+    model = forecaster or Forecaster.load(run_dir, batch_size=config.eval.batch_size)
     meta = model.metadata
     out = run_dir / EVAL_DIR
     report_path = out / "report.md"

@@ -246,13 +246,16 @@ class Forecaster:
             raise ValueError("initial_values: a state has no observed point.")
         normalized = np.where(mask[..., None], self.normalizer.normalize(np.nan_to_num(values)), 0.0).astype(np.float32)
         outputs = []
-        for start in range(0, values.shape[0], self.batch_size):
-            chunk = slice(start, start + self.batch_size)
+        num_states = values.shape[0]
+        for start in range(0, num_states, self.batch_size):
+            chunk = np.arange(start, start + self.batch_size)
+            # Pad the last chunk with copies of its first state: one compiled program serves every chunk.
+            chunk = np.where(chunk < num_states, chunk, start)
             out = self._predict_normalized(
                 self._state, coords_internal, jnp.asarray(normalized[chunk]), jnp.asarray(mask[chunk]),
                 jnp.asarray(times, jnp.float32), query_internal,
             )
-            outputs.append(np.asarray(out))
+            outputs.append(np.asarray(out)[: num_states - start])
         return self.normalizer.denormalize(np.concatenate(outputs, axis=0)).astype(np.float32)
 
     # -- xarray ------------------------------------------------------------------------------------------
