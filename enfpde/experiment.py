@@ -147,6 +147,7 @@ def forecast_file(
     resolution: str | None = None,
     variables=None,
     overwrite: bool = False,
+    batch_size: int = 8,
 ) -> Path:
     """Forecast the initial state(s) in ``input_path`` (its first time) and write netCDF to ``output_path``.
 
@@ -159,7 +160,7 @@ def forecast_file(
         raise FileExistsError(f"output '{output_path}' exists; pass --overwrite to replace it.")
     if at is not None and resolution is not None:
         raise ValueError("give either --at or --resolution, not both.")
-    model = Forecaster.load(run_dir)
+    model = Forecaster.load(run_dir, batch_size=batch_size)
     ds = open_dataset(input_path)
     if TIME_DIM in ds.dims and ds.sizes[TIME_DIM] > 1:
         ds = ds.isel({TIME_DIM: [0]})
@@ -176,45 +177,76 @@ def forecast_file(
     return output_path
 
 
+def ensure_dataset(config: RunConfig, *, progress: bool = True) -> None:
+    """Generate the run's dataset from ``config.dataset`` (a YAML in datasets/) if its files are missing.
+
+    The files go to the directory of ``config.data.train``; existing files are reused, never replaced.
+    """
+    from enfpde.data.navier_stokes import generate_dataset
+
+    files = [Path(p) for p in (config.data.train, config.data.test, config.data.test_fine) if p]
+    if all(p.exists() for p in files):
+        return
+    if not config.dataset:
+        raise FileNotFoundError(f"missing data files {[str(p) for p in files if not p.exists()]} and no dataset YAML to generate them.")
+    dataset_yaml = Path(config.dataset)
+    if not dataset_yaml.is_absolute() and not dataset_yaml.exists():
+        dataset_yaml = REPOSITORY_ROOT / dataset_yaml
+    existing = [p for p in files if p.exists()]
+    if existing:
+        raise FileExistsError(
+            f"some data files exist ({[str(p) for p in existing]}) but others are missing; remove them or "
+            f"regenerate with `enfpde generate {dataset_yaml} --overwrite`."
+        )
+    generated = generate_dataset(dataset_yaml, output_dir=files[0].parent, progress=progress)
+    missing = [str(p) for p in files if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{dataset_yaml} generated {sorted(map(str, generated.values()))} but the config expects {missing}.")
+
+
+def run_experiment(
+    config: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> Path:
+    """Data (generated if missing), training (or resuming), evaluation; returns the report's path."""
+    from enfpde.trainer import train
+
+    run_dir = Path(run_dir)
+    print(f"[data] {config.data.train}", flush=True)
+    ensure_dataset(config, progress=progress)
+    print(f"[train] {config.name} into {run_dir}", flush=True)
+    train(config, run_dir, resume=resume, overwrite=overwrite, progress=progress)
+    print("[evaluate] against persistence", flush=True)
+    report = evaluate_run(run_dir, overwrite=overwrite or resume, progress=progress)
+    print(_summary_table(run_dir))
+    return report
+
+
 def quickstart(workdir: Path = Path("."), *, overwrite: bool = False, progress: bool = True) -> Path:
     """Generate a small Navier-Stokes dataset, train the ``quick`` preset, evaluate it against persistence,
     and write a forecast netCDF (2x resolution, frames every 0.25) and figures. About 10 minutes on 2 cores.
 
     Returns the run directory.
     """
-    from enfpde.data.navier_stokes import generate_dataset
-    from enfpde.trainer import train
-
     start = time.perf_counter()
     workdir = Path(workdir)
     data_dir = workdir / "data" / "navier_stokes_quick"
     run_dir = workdir / "runs" / "quickstart"
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"'{run_dir}' exists from an earlier quickstart; pass --overwrite to redo it.")
-    dataset_yaml = REPOSITORY_ROOT / "datasets" / "navier_stokes_quick.yaml"
-    print(f"[1/4] generating the dataset ({dataset_yaml.name}) into {data_dir}", flush=True)
     splits = {name: data_dir / f"{name}.nc" for name in ("train", "test", "test_fine")}
-    if overwrite or not all(p.exists() for p in splits.values()):
-        splits = generate_dataset(dataset_yaml, output_dir=data_dir, overwrite=overwrite, progress=progress)
-    else:
-        print("      (already there; reusing it)")
     config = load_config(
         "quick",
-        [f"data.train={splits['train']}", f"data.test={splits['test']}", f"data.test_fine={splits['test_fine']}"],
+        [f"data.{name}={path}" for name, path in splits.items()],
     )
-    print(f"[2/4] training the quick preset into {run_dir}", flush=True)
-    train(config, run_dir, overwrite=overwrite, progress=progress)
-    print("[3/4] evaluating against persistence", flush=True)
-    report = evaluate_run(run_dir, overwrite=overwrite, progress=progress)
-    print("[4/4] forecasting test trajectory 0 at 128 x 128, every 0.25 time units", flush=True)
+    report = run_experiment(config, run_dir, overwrite=overwrite, progress=progress)
+    print("[forecast] test initial states at 128 x 128, every 0.25 time units", flush=True)
     forecast_path = forecast_file(
         run_dir, splits["test"], run_dir / "forecast.nc", times=np.arange(0.0, 19.01, 0.25), resolution="128x128",
-        overwrite=overwrite,
+        overwrite=overwrite, batch_size=config.eval.batch_size,
     )
     elapsed = time.perf_counter() - start
-    summary = _summary_table(run_dir)
     print(
-        f"\nquickstart finished in {elapsed / 60:.1f} min\n{summary}\n"
+        f"\nquickstart finished in {elapsed / 60:.1f} min\n"
         f"report:   {report}\nforecast: {forecast_path}\nfigures:  {run_dir / EVAL_DIR}/*.png, rollout.gif"
     )
     return run_dir

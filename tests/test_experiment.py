@@ -1,0 +1,46 @@
+"""Workflows: evaluating a run (tables, figures) and the train command."""
+
+import json
+
+import pytest
+
+from enfpde.cli import main as cli_main
+from enfpde.experiment import evaluate_run
+
+pytestmark = pytest.mark.xdist_group("tiny_run")
+
+
+def test_evaluate_run_writes_tables_and_figures_once(tiny_run):
+    report = evaluate_run(tiny_run, progress=False)
+    text = report.read_text()
+    assert "| standard |" in text and "| sparse 5 % |" in text and "| shifted |" in text and "persistence" in text
+    results = json.loads((tiny_run / "eval" / "test" / "metrics.json").read_text())
+    standard = results["settings"]["standard"]
+    assert len(standard["model"]["per_frame"]) == 6 and standard["persistence"]["per_frame"][0] == 0.0
+    assert results["checkpoint_step"] == 8
+    assert json.loads((tiny_run / "eval" / "train" / "metrics.json").read_text())["dataset"]["num_trajectories"] == 4
+    for name in ("forecast_vs_truth.png", "rollout.gif", "mse_per_lead_time.png"):
+        assert (tiny_run / "eval" / name).stat().st_size > 1000
+    before = report.read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate_run(tiny_run, progress=False)
+    assert report.read_text() == before
+
+
+def test_train_command_reports_config_errors(tmp_path, capsys):
+    assert cli_main(["train", "--run-dir", str(tmp_path / "r"), "train.stage1.epochs=oops"]) == 2
+    assert "invalid configuration" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_time_lists_on_the_command_line():
+    import argparse
+
+    import numpy as np
+
+    from enfpde.cli import _parse_times
+
+    np.testing.assert_allclose(_parse_times("0:2:0.5"), [0, 0.5, 1, 1.5, 2])
+    np.testing.assert_allclose(_parse_times("0,1,5"), [0, 1, 5])
+    with pytest.raises(argparse.ArgumentTypeError, match="start:stop:step"):
+        _parse_times("0:2:-1")
