@@ -1,3 +1,6 @@
+import contextlib
+import fcntl
+
 import pytest
 
 from enfpde.testing import all_geometries
@@ -11,8 +14,8 @@ def geometry(request):
 
 
 # --- a tiny trained run shared by the training-loop, forecast and CLI tests ------------------------------
-# Tests that use it carry @pytest.mark.xdist_group("tiny_run"), so that with `pytest -n 2 --dist loadgroup`
-# one worker trains it once.
+# pytest-xdist workers share the parent of their base temporary directories; the first worker to need the
+# run trains it there under a file lock and the others reuse it, so it is trained once per session.
 
 TINY_OVERRIDES = [
     "data.horizon=4",
@@ -30,15 +33,36 @@ TINY_OVERRIDES = [
 ]
 
 
+@contextlib.contextmanager
+def _exclusive(path):
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
+def shared_dir(tmp_path_factory, worker_id):
+    """A directory shared by all xdist workers of this session (the session's own when not distributed)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if worker_id != "master" else base
+
+
+@pytest.fixture(scope="session")
+def tiny_data(shared_dir):
     """Train, test and fine-in-time test files of exact advection solutions on an 8 x 8 torus grid."""
     from enfpde.testing import advected_waves_dataset
 
-    root = tmp_path_factory.mktemp("tiny_data")
-    advected_waves_dataset(4, 6, 8, seed=0).to_netcdf(root / "train.nc")
-    advected_waves_dataset(3, 6, 8, seed=1).to_netcdf(root / "test.nc")
-    advected_waves_dataset(3, 11, 8, seed=1, frame_interval=0.5).to_netcdf(root / "test_fine.nc")
+    root = shared_dir / "tiny_data"
+    with _exclusive(shared_dir / "tiny_data.lock"):
+        if not (root / "done").exists():
+            root.mkdir(exist_ok=True)
+            advected_waves_dataset(4, 6, 8, seed=0).to_netcdf(root / "train.nc")
+            advected_waves_dataset(3, 6, 8, seed=1).to_netcdf(root / "test.nc")
+            advected_waves_dataset(3, 11, 8, seed=1, frame_interval=0.5).to_netcdf(root / "test_fine.nc")
+            (root / "done").touch()
     return root
 
 
@@ -50,8 +74,15 @@ def tiny_config(tiny_data):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_config, tmp_path_factory):
-    """An uninterrupted tiny run (4 stage-1 + 4 stage-2 steps); returns its directory."""
+def tiny_run(tiny_config, shared_dir):
+    """An uninterrupted tiny run (4 stage-1 + 4 stage-2 steps), trained once per session; its directory.
+
+    Tests may add files to it (evaluations) but must not change what is there."""
     from enfpde.trainer import train
 
-    return train(tiny_config, tmp_path_factory.mktemp("runs") / "tiny", progress=False)
+    run_dir = shared_dir / "tiny_run"
+    with _exclusive(shared_dir / "tiny_run.lock"):
+        if not (shared_dir / "tiny_run.done").exists():
+            train(tiny_config, run_dir, overwrite=True, progress=False)
+            (shared_dir / "tiny_run.done").touch()
+    return run_dir

@@ -1,16 +1,18 @@
 """Workflows: evaluating a run (tables, figures) and the train command."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 from enfpde.cli import main as cli_main
 from enfpde.experiment import evaluate_run
 
-pytestmark = pytest.mark.xdist_group("tiny_run")
 
 
-def test_evaluate_run_writes_tables_and_figures_once(tiny_run):
+def test_evaluate_run_writes_tables_and_figures_once(tiny_run, tmp_path):
+    tiny_run = Path(shutil.copytree(tiny_run, tmp_path / "run"))  # the shared run stays as it was
     report = evaluate_run(tiny_run, progress=False)
     text = report.read_text()
     assert "| standard |" in text and "| sparse 5 % |" in text and "| shifted |" in text and "persistence" in text

@@ -7,7 +7,6 @@ import xarray as xr
 from enfpde.cli import main as cli_main
 from enfpde.forecaster import Forecaster
 
-pytestmark = pytest.mark.xdist_group("tiny_run")
 
 # One set of lead times and grids throughout: every distinct shape is a separate compilation.
 TIMES = [0.0, 0.5, 1.0, 3.0]

@@ -19,7 +19,6 @@ from enfpde.config import ConfigError, config_from_yaml, load_config, to_yaml
 from enfpde.forecaster import Forecaster
 from enfpde.trainer import NonFiniteLossError, RunExistsError, Trainer, train
 
-pytestmark = pytest.mark.xdist_group("tiny_run")
 
 
 def model_leaves(run_dir):
@@ -146,7 +145,15 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent(
 
 def test_data_parallel_on_two_simulated_devices_matches_one(tiny_config, tmp_path):
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(to_yaml(tiny_config))
+    short = dataclasses.replace(
+        tiny_config,
+        train=dataclasses.replace(
+            tiny_config.train,
+            stage1=dataclasses.replace(tiny_config.train.stage1, epochs=1),
+            stage2=dataclasses.replace(tiny_config.train.stage2, epochs=1),
+        ),
+    )
+    preset.write_text(to_yaml(short))
     result = subprocess.run(
         [sys.executable, "-c", DATA_PARALLEL_SCRIPT, str(preset), str(tmp_path)],
         capture_output=True, text=True, timeout=600,
