@@ -97,7 +97,9 @@ def _figures(model, test, fine, result, out: Path, meta: dict, overwrite: bool) 
     labels = tuple(test.axes[::-1])
     variable, units = test.variables[0], test.units[0]
     times = test.times - test.times[0]
-    pred = model.predict(test.coords, test.values[:1, 0], times)
+    # Forecast as many trajectories as one evaluation batch: the program compiled for the evaluation is reused.
+    first = slice(0, min(model.batch_size, test.num_trajectories))
+    pred = model.predict(test.coords, test.values[first, 0], times)
     extent = grid_extent(test)
     plot_forecast_vs_truth(
         grid_frames(test, test.values[0]), grid_frames(test, pred[0]), times, out / "forecast_vs_truth.png",
@@ -105,7 +107,7 @@ def _figures(model, test, fine, result, out: Path, meta: dict, overwrite: bool) 
     )
     movie = fine if fine is not None else test
     movie_times = movie.times - movie.times[0]
-    pred = model.predict(movie.coords, movie.values[:1, 0], movie_times)
+    pred = model.predict(movie.coords, movie.values[first, 0], movie_times)
     animate_rollout(
         grid_frames(movie, movie.values[0]), grid_frames(movie, pred[0]), movie_times, out / "rollout.gif",
         horizon_time=horizon, variable=variable, units=units, extent=extent, axis_labels=labels, overwrite=overwrite,

@@ -247,9 +247,10 @@ class Forecaster:
         normalized = np.where(mask[..., None], self.normalizer.normalize(np.nan_to_num(values)), 0.0).astype(np.float32)
         outputs = []
         num_states = values.shape[0]
-        for start in range(0, num_states, self.batch_size):
-            chunk = np.arange(start, start + self.batch_size)
-            # Pad the last chunk with copies of its first state: one compiled program serves every chunk.
+        chunk_size = min(self.batch_size, num_states)
+        for start in range(0, num_states, chunk_size):
+            chunk = np.arange(start, start + chunk_size)
+            # Pad a short last chunk with copies of its first state: one compiled program serves every chunk.
             chunk = np.where(chunk < num_states, chunk, start)
             out = self._predict_normalized(
                 self._state, coords_internal, jnp.asarray(normalized[chunk]), jnp.asarray(mask[chunk]),
