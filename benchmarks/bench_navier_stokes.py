@@ -5,7 +5,7 @@ Cases (each in its own process, so that peak memory is the case's own):
                    trajectories, float32, ENF-PDE forcing.
   solver-2x8       the same 16 trajectories as two batches of 8 run concurrently from two threads, as the
                    generator does on a CPU (one XLA:CPU call uses about one core).
-  generate-quick   the whole datasets/navier_stokes_quick.yaml (8 train + 4 test trajectories integrated over
+  generate-quick   the whole datasets/navier_stokes_quick.yaml (24 train + 4 test trajectories integrated over
                    28.5 burn-in + 19 time units, 4 of them recorded every 0.25; three netCDF files), progress off.
                    Timed calls re-run it in the same process (compiled); the first call includes compilation.
 
@@ -71,7 +71,7 @@ def run_case(name: str, repeats: int) -> dict:
             def one():
                 generate_dataset(QUICK, directory, overwrite=True, progress=False)
 
-            return measure(name, one, min(repeats, 2))  # about 15 s a call on 2 cores
+            return measure(name, one, min(repeats, 2))  # about 30 s a call on 2 idle cores
     raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
 
 
