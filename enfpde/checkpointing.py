@@ -69,8 +69,20 @@ def read_model_metadata(run_dir: str | os.PathLike) -> dict:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The metrics log as a list of records (empty if the run has not logged yet)."""
+    """The metrics log as a list of records (empty if the run has not logged yet).
+
+    A last line cut short (the process was killed while writing it) is skipped; a broken line elsewhere is
+    an error."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON: {line[:80]!r}") from None
+    return records

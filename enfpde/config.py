@@ -158,7 +158,8 @@ def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | 
 
 
 def config_from_yaml(path: str | os.PathLike) -> RunConfig:
-    """Read a saved ``config.yaml`` (strictly: it must be a complete, valid :class:`RunConfig`)."""
+    """Read a saved ``config.yaml``: merged onto the defaults, so unknown keys and wrong types are errors and a
+    field it lacks takes its default (runs save every field)."""
     return load_config(Path(path))
 
 

@@ -32,11 +32,13 @@ def evaluate_run(
     progress: bool = True,
     figures: bool = True,
     forecaster: Forecaster | None = None,
+    out_name: str = EVAL_DIR,
 ) -> Path:
     """Evaluate a trained run on its test split (all protocol settings) and its train split (standard).
 
-    Writes ``<run_dir>/eval/{test,train}/metrics.{json,md}``, ``eval/report.md`` (both tables), and with
-    ``figures`` ``eval/forecast_vs_truth.png``, ``eval/rollout.gif`` and ``eval/mse_per_lead_time.png``.
+    Writes ``<run_dir>/<out_name>/{test,train}/metrics.{json,md}``, ``report.md`` (both tables), and with
+    ``figures`` ``forecast_vs_truth.png``, ``rollout.gif`` and ``mse_per_lead_time.png`` there (``out_name``
+    is ``eval`` by default).
 
     Returns:
         The path of ``report.md``.
@@ -45,7 +47,7 @@ def evaluate_run(
     config = config_from_yaml(run_dir / checkpointing.CONFIG_FILE)
     model = forecaster or Forecaster.load(run_dir, batch_size=config.eval.batch_size)
     meta = model.metadata
-    out = run_dir / EVAL_DIR
+    out = run_dir / out_name
     report_path = out / "report.md"
     targets = [report_path, out / "test" / "metrics.json", out / "train" / "metrics.json"]
     if figures:
@@ -163,15 +165,17 @@ def forecast_file(
     if at is not None and resolution is not None:
         raise ValueError("give either --at or --resolution, not both.")
     model = Forecaster.load(run_dir, batch_size=batch_size)
-    ds = open_dataset(input_path)
-    if TIME_DIM in ds.dims and ds.sizes[TIME_DIM] > 1:
-        ds = ds.isel({TIME_DIM: [0]})
+    with open_dataset(input_path) as ds:
+        if TIME_DIM in ds.dims and ds.sizes[TIME_DIM] > 1:
+            ds = ds.isel({TIME_DIM: [0]})
+        initial = ds.load()
     location = None
     if at is not None:
-        location = open_dataset(at)
+        with open_dataset(at) as grid:
+            location = grid.load()
     elif resolution is not None:
         location = regular_grid(model, resolution)
-    forecast = model.forecast(ds.load(), times, at=location, variables=variables)
+    forecast = model.forecast(initial, times, at=location, variables=variables)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(f".{output_path.name}.tmp")
     forecast.to_netcdf(tmp, engine="netcdf4")
@@ -180,7 +184,8 @@ def forecast_file(
 
 
 def ensure_dataset(config: RunConfig, *, progress: bool = True) -> None:
-    """Generate the run's dataset from ``config.dataset`` (a YAML in datasets/) if its files are missing.
+    """Generate the run's dataset from ``config.dataset`` (a Navier-Stokes dataset YAML in datasets/, the
+    only generated source so far) if its files are missing.
 
     The files go to the directory of ``config.data.train``; existing files are reused, never replaced.
     """
@@ -217,10 +222,21 @@ def run_experiment(
     ensure_dataset(config, progress=progress)
     print(f"[train] {config.name} into {run_dir}", flush=True)
     train(config, run_dir, resume=resume, overwrite=overwrite, progress=progress)
-    print("[evaluate] against persistence", flush=True)
-    report = evaluate_run(run_dir, overwrite=overwrite or resume, progress=progress)
-    print(_summary_table(run_dir))
+    out_name = EVAL_DIR
+    if resume and not overwrite and (run_dir / EVAL_DIR).exists():
+        out_name = f"{EVAL_DIR}_step{_latest_step(run_dir)}"  # keep the earlier evaluation
+    print(f"[evaluate] against persistence into {run_dir / out_name}", flush=True)
+    report = evaluate_run(run_dir, overwrite=overwrite, progress=progress, out_name=out_name)
+    print(_summary_table(run_dir, out_name))
     return report
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    manager = checkpointing.checkpoint_manager(run_dir, max_to_keep=None)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
 
 
 def quickstart(workdir: Path = Path("."), *, overwrite: bool = False, progress: bool = True) -> Path:
@@ -254,12 +270,12 @@ def quickstart(workdir: Path = Path("."), *, overwrite: bool = False, progress: 
     return run_dir
 
 
-def _summary_table(run_dir: Path) -> str:
+def _summary_table(run_dir: Path, out_name: str = EVAL_DIR) -> str:
     import json
 
     lines = ["| split | ENF t_in | ENF t_out | persistence t_in | persistence t_out |", "|---|---|---|---|---|"]
     for split in ("test", "train"):
-        path = run_dir / EVAL_DIR / split / "metrics.json"
+        path = run_dir / out_name / split / "metrics.json"
         if path.exists():
             s = json.loads(path.read_text())["settings"]["standard"]
             m, p = s["model"], s["persistence"]

@@ -61,7 +61,8 @@ def forecast_fields(
     Args:
         coords: internal coordinates of the observations ``[M, D]``.
         initial_values: the initial state ``[B, M, C]`` at time 0 (NaN allowed where ``mask`` is False).
-        times: ``[T]`` increasing output times (frame units of the training data; any values).
+        times: ``[T]`` increasing output times in the time units of the training data (any values, not
+            only the training frames).
         query_coords: where to decode ``[Q, D]`` (any resolution).
         mask: ``[B, M]`` observed points.
         solver, dt0, stepsize_controller: see :func:`enfpde.rollout.rollout`.
@@ -304,7 +305,8 @@ class Forecaster:
         out_coords = dict(out_coords)
         if TRAJECTORY_DIM in ds.coords and ds[TRAJECTORY_DIM].ndim == 1:
             out_coords[TRAJECTORY_DIM] = ((TRAJECTORY_DIM,), ds[TRAJECTORY_DIM].values)
-        out_coords["lead_time"] = ((TIME_DIM,), times, {"units": self.time_units, "long_name": "time since the initial state"})
+        lead_units = self.time_units.split(" since ")[0]  # a duration: "hours since 2020-01-01" -> "hours"
+        out_coords["lead_time"] = ((TIME_DIM,), times, {"units": lead_units, "long_name": "time since the initial state"})
         out_coords[TIME_DIM] = ((TIME_DIM,), self._valid_times(initial_state, times))
         attrs = {"source": "enfpde Forecaster", "model_step": int(getattr(self, "step", -1))}
         return xr.Dataset(data_vars, coords=out_coords, attrs=attrs)
@@ -418,6 +420,11 @@ class Forecaster:
         if TIME_DIM in ds.coords and ds[TIME_DIM].size == 1:
             t0 = ds[TIME_DIM].values.reshape(-1)[0]
             if np.issubdtype(np.asarray(t0).dtype, np.datetime64):
+                if not self.time_units.startswith("hours since"):
+                    raise ValueError(
+                        f"the initial time is a date ({t0}) but the model was trained with times in "
+                        f"'{self.time_units}', not dates: give a numeric initial time or none."
+                    )
                 return t0 + (lead * 3600.0).astype("timedelta64[s]")
             return float(t0) + lead
         return lead

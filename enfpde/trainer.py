@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from enfpde import checkpointing
 from enfpde.config import ConfigError, RunConfig, config_from_yaml, to_yaml
-from enfpde.data.trajectories import BatchSampler, TrajectoryDataset, save_json_atomic
+from enfpde.data.trajectories import BatchSampler, Normalizer, TrajectoryDataset, save_json_atomic
 from enfpde.forecaster import build_modules, make_geometry
 from enfpde.rollout import solver_from_name
 from enfpde.training import (
@@ -43,12 +43,17 @@ from enfpde.training import (
 
 STAGES = ("stage1", "stage2", "joint")
 
-# Fields of the config that may change when a run is resumed: lengthening the schedule or changing the
-# bookkeeping does not change what the steps already taken mean.
+# Fields of the config that may change when a run is resumed: lengthening the schedule, changing the
+# optimiser's settings from here on (e.g. after a non-finite loss) or the bookkeeping does not change what
+# the steps already taken mean.
 RESUMABLE_CHANGES = {
     "train.stage2.epochs",
     "train.joint.epochs",
+    "train.stage1.learning_rate",
+    "train.stage2.learning_rate",
     "train.joint.learning_rate",
+    "train.clip_norm",
+    "train.weight_decay",
     "train.checkpoint_every",
     "train.keep_checkpoints",
 }
@@ -132,54 +137,73 @@ class Trainer:
     ):
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self._prepare_run_dir(config, resume, overwrite)
-        self.train_data = TrajectoryDataset.open(self.config.data.train, self.config.data.variables)
-        horizon = self.config.data.horizon
+        self.config = config
+        # Everything that can fail is checked before the run directory is touched, so a bad config never
+        # costs an existing run or leaves a half-made one behind.
+        self.resume = resume
+        self._check_run_dir(config, resume, overwrite)
+        self.train_data = TrajectoryDataset.open(config.data.train, config.data.variables)
+        horizon = config.data.horizon
         if not 1 < horizon <= self.train_data.num_frames:
             raise ConfigError(
                 f"data.horizon = {horizon} must be in [2, {self.train_data.num_frames}] (frames in the training file)."
             )
-        self.normalizer = self.train_data.fit_normalizer()
-        self._write_metadata()
-        self.geometry = make_geometry(self.config.data)
-        self.modules = build_modules(
-            self.config.model, self.geometry, len(self.train_data.variables), self.config.train.seed
-        )
-        tc = self.config.train
+        self.normalizer = self._normalizer(resume)
+        self.geometry = make_geometry(config.data)
+        self.geometry.coords_from_user(self.train_data.coords)  # coordinates fit the domain
+        tc = config.train
         self.sampler = BatchSampler(
             self.train_data, self.normalizer, tc.batch_size, tc.num_points, frames=slice(0, horizon), seed=tc.seed
         )
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        self._check_divisible()
+        self.modules = build_modules(config.model, self.geometry, len(self.train_data.variables), tc.seed)
         self.has_missing = not bool(self.train_data.mask[:, :horizon].all())
         self.schedule = Schedule(self.sampler.steps_per_epoch, (tc.stage1.epochs, tc.stage2.epochs, tc.joint.epochs))
         times = self.train_data.times[:horizon]
         self.times = jnp.asarray(times - times[0], jnp.float32)
-        self.devices = list(devices) if devices is not None else jax.local_devices()
         self.mesh = Mesh(np.asarray(self.devices), ("batch",))
-        self._check_divisible()
         self._build_steps()
+        self._prepare_run_dir(overwrite)
 
     # -- run directory -----------------------------------------------------------------------------------
 
-    def _prepare_run_dir(self, config: RunConfig, resume: bool, overwrite: bool) -> None:
+    def _check_run_dir(self, config: RunConfig, resume: bool, overwrite: bool) -> None:
         config_path = self.run_dir / checkpointing.CONFIG_FILE
-        exists = self.run_dir.exists() and any(self.run_dir.iterdir())
         if resume:
             if not config_path.exists():
                 raise FileNotFoundError(f"cannot resume: '{self.run_dir}' holds no run ({config_path.name} missing).")
             _check_resumable(config_from_yaml(config_path), config)
-        elif exists:
-            if not overwrite:
-                raise RunExistsError(
-                    f"'{self.run_dir}' already holds a run: resume it with --resume, pick another directory, or "
-                    f"replace it with --overwrite."
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
+            raise RunExistsError(
+                f"'{self.run_dir}' already holds a run: resume it with --resume, pick another directory, or "
+                f"replace it with --overwrite."
+            )
+
+    def _normalizer(self, resume: bool) -> Normalizer:
+        """Statistics of the training split; on resume, those stored with the run, which must still match."""
+        fitted = self.train_data.fit_normalizer()
+        if resume and (self.run_dir / checkpointing.MODEL_FILE).exists():
+            stored = Normalizer.from_dict(checkpointing.read_model_metadata(self.run_dir)["normalizer"])
+            if not (np.allclose(stored.mean, fitted.mean, rtol=1e-5) and np.allclose(stored.std, fitted.std, rtol=1e-5)):
+                raise ConfigError(
+                    f"the training file {self.config.data.train} has changed since the run started: its statistics "
+                    f"(mean {fitted.mean}, std {fitted.std}) differ from those stored with the run (mean {stored.mean}, "
+                    f"std {stored.std}). Resume with the original data or start a new run."
                 )
+            return stored
+        return fitted
+
+    def _prepare_run_dir(self, overwrite: bool) -> None:
+        """Create (or, with ``overwrite``, replace) the run directory; write the config and model metadata."""
+        if overwrite and self.run_dir.exists() and not self.resume:
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config = config
+        config_path = self.run_dir / checkpointing.CONFIG_FILE
         tmp = config_path.with_name(".config.yaml.tmp")
-        tmp.write_text(to_yaml(config))
+        tmp.write_text(to_yaml(self.config))
         os.replace(tmp, config_path)
-        self.resume = resume
+        self._write_metadata()
 
     def _write_metadata(self) -> None:
         data, horizon = self.train_data, self.config.data.horizon
@@ -203,12 +227,15 @@ class Trainer:
     # -- steps -------------------------------------------------------------------------------------------
 
     def _check_divisible(self) -> None:
-        n = len(self.devices)
-        tc = self.config.train
-        for what, size in (("stage-1 fields (batch_size x horizon)", tc.batch_size * self.config.data.horizon),
-                           ("batch_size", tc.batch_size)):
-            if size % n:
-                raise ConfigError(f"{what} = {size} must be divisible by the {n} devices used for data parallelism.")
+        n, tc = len(self.devices), self.config.train
+        if tc.batch_size % n:
+            raise ConfigError(f"train.batch_size = {tc.batch_size} must be divisible by the {n} devices used for data parallelism.")
+        fields = tc.batch_size * self.config.data.horizon
+        if fields % tc.num_microbatches:
+            raise ConfigError(
+                f"train.num_microbatches = {tc.num_microbatches} must divide the {fields} stage-1 fields per batch "
+                f"(train.batch_size x data.horizon)."
+            )
 
     def _optimizer(self, stage):
         tc = self.config.train
@@ -337,10 +364,14 @@ class Trainer:
                 if not math.isfinite(loss):
                     bar.close()
                     manager.wait_until_finished()
+                    last = manager.latest_step()
+                    kept = (
+                        f"The last good checkpoint (step {last}) is kept in '{self.run_dir}'"
+                        if last is not None else f"No checkpoint was written yet in '{self.run_dir}'"
+                    )
                     raise NonFiniteLossError(
-                        f"non-finite loss ({loss}) at step {step} ({stage}, epoch {epoch}); training stopped. The last "
-                        f"good checkpoint (step {manager.latest_step()}) is kept in '{self.run_dir}'. Lower "
-                        f"train.{stage}.learning_rate or train.clip_norm and resume or restart."
+                        f"non-finite loss ({loss}) at step {step} ({stage}, epoch {epoch}); training stopped. {kept}. "
+                        f"Lower train.{stage}.learning_rate or train.clip_norm and continue with --resume."
                     )
                 record = {"step": step, "epoch": epoch, "stage": stage, "loss": loss,
                           "elapsed_s": round(time.perf_counter() - t_start, 3)}

@@ -72,6 +72,7 @@ def test_masked_missing_points(forecaster, initial):
         (lambda d: d.assign(u=d.u.where(d.x > 0.1)), [0.0], ValueError, "non-finite value.*add a boolean 'mask'"),
         (lambda d: d, [0.0, 2.0, 1.0], ValueError, "strictly increasing"),
         (lambda d: d, [-1.0, 2.0], ValueError, ">= 0"),
+        (lambda d: d, [], ValueError, "non-empty"),
         (lambda d: xr.concat([d, d.assign_coords(time=d.time + 1)], "time"), [0.0], ValueError, "has 2 times"),
     ],
 )

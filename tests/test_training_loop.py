@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import time
 import jax
 import numpy as np
 import pytest
+import xarray as xr
 from flax import nnx
 
 from enfpde import checkpointing
 from enfpde.config import ConfigError, config_from_yaml, load_config, to_yaml
+from enfpde.data.trajectories import TrajectoryDataset
 from enfpde.forecaster import Forecaster
 from enfpde.trainer import NonFiniteLossError, RunExistsError, Trainer, train
 
@@ -29,6 +32,9 @@ def test_run_directory_layout(tiny_run, tiny_config):
     assert config_from_yaml(tiny_run / "config.yaml") == tiny_config
     meta = json.loads((tiny_run / "model.json").read_text())
     assert meta["variables"] == ["u"] and meta["axes"] == ["y", "x"] and meta["horizon_time"] == 4.0
+    train_split = TrajectoryDataset.open(tiny_config.data.train)  # statistics of the training split
+    np.testing.assert_allclose(meta["normalizer"]["mean"], train_split.values.mean(axis=(0, 1, 2)), atol=1e-6)
+    np.testing.assert_allclose(meta["normalizer"]["std"], train_split.values.std(axis=(0, 1, 2)), rtol=1e-5)
     records = checkpointing.read_metrics(tiny_run)
     assert [r["step"] for r in records] == list(range(8))
     assert [r["stage"] for r in records] == ["stage1"] * 4 + ["stage2"] * 4
@@ -73,16 +79,23 @@ def test_resume_after_kill_continues_the_same_sequence(tiny_run, tiny_config, tm
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
-def test_existing_run_is_never_replaced_silently(tiny_run, tiny_config):
+def test_existing_run_is_never_replaced_silently(tiny_run, tiny_config, tmp_path):
     before = sorted(p.name for p in tiny_run.iterdir())
     with pytest.raises(RunExistsError, match="--resume.*--overwrite"):
         Trainer(tiny_config, tiny_run, progress=False)
     assert sorted(p.name for p in tiny_run.iterdir()) == before
+    # Even with --overwrite, a config that cannot train leaves the existing run as it was.
+    copy = shutil.copytree(tiny_run, tmp_path / "copy")
+    broken = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, horizon=99))
+    with pytest.raises(ConfigError, match="data.horizon = 99"):
+        Trainer(broken, copy, overwrite=True, progress=False)
+    assert sorted(p.name for p in copy.iterdir()) == before
+    assert config_from_yaml(copy / "config.yaml") == tiny_config
 
 
 def test_resume_rejects_a_different_model(tiny_config, tmp_path):
     run = tmp_path / "r"
-    Trainer(tiny_config, run, progress=False)  # writes config.yaml only
+    Trainer(tiny_config, run, progress=False)  # writes config.yaml and model.json, trains nothing
     changed = dataclasses.replace(
         tiny_config, model=dataclasses.replace(tiny_config.model, latent_dim=4)
     )
@@ -104,7 +117,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
     forecaster = Forecaster.load(run)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(nnx.state(forecaster.modules)))
     last_logged = checkpointing.read_metrics(run)[-1]["step"]
-    assert forecaster.step <= last_logged + 1
+    assert forecaster.step == last_logged + 1  # the checkpoint after the last finite step
 
 
 def test_config_errors():
@@ -136,6 +149,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent(
         trainer = Trainer(config, os.path.join(sys.argv[2], name), progress=False, devices=devices)
         trainer.run()
         leaves = jax.tree.leaves(nnx.state(trainer.modules))
+        assert len(leaves[0].sharding.device_set) == len(devices), leaves[0].sharding  # replicated on every device
         out[name] = {"loss": [r["loss"] for r in checkpointing.read_metrics(trainer.run_dir)],
                      "params": [np.asarray(x).ravel().tolist() for x in leaves if np.issubdtype(np.asarray(x).dtype, np.floating)]}
     print(json.dumps(out))
@@ -161,5 +175,43 @@ def test_data_parallel_on_two_simulated_devices_matches_one(tiny_config, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(out["two"]["loss"], out["one"]["loss"], rtol=2e-5)
+    # Adam divides by the root of tiny second moments in its first steps, which amplifies the float
+    # reassociation of the all-reduced gradients: compare parameters at the scale of one update (1e-3).
     for a, b in zip(out["two"]["params"], out["one"]["params"]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_missing_points_and_the_joint_stage(tiny_data, tiny_config, tmp_path):
+    """Training data with unobserved (NaN) points trains through the masked losses of all three stages; the
+    joint stage then changes the decoder that stage 2 left frozen."""
+    ds = xr.open_dataset(tiny_data / "train.nc").load()
+    ds["u"] = ds.u.where((ds.x + ds.y) % 0.5 > 0.1)  # about a fifth of the points missing, in every frame
+    ds.to_netcdf(tmp_path / "holes.nc")
+    config = dataclasses.replace(
+        tiny_config,
+        data=dataclasses.replace(tiny_config.data, train=str(tmp_path / "holes.nc")),
+        train=dataclasses.replace(
+            tiny_config.train,
+            stage1=dataclasses.replace(tiny_config.train.stage1, epochs=1),
+            stage2=dataclasses.replace(tiny_config.train.stage2, epochs=1),
+            joint=dataclasses.replace(tiny_config.train.joint, epochs=1),
+        ),
+    )
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    assert trainer.has_missing
+    trainer.run(stop_after=4)  # end of stage 2
+    decoder = [np.asarray(x) for x in jax.tree.leaves(nnx.state(trainer.modules[0], nnx.Param))]
+    Trainer(config, tmp_path / "run", resume=True, progress=False).run()
+    records = checkpointing.read_metrics(tmp_path / "run")
+    assert [r["stage"] for r in records] == ["stage1"] * 2 + ["stage2"] * 2 + ["joint"] * 2
+    assert all(np.isfinite(r["loss"]) for r in records)
+    after = jax.tree.leaves(nnx.state(Forecaster.load(tmp_path / "run").modules[0], nnx.Param))
+    assert any(not np.allclose(a, b) for a, b in zip(decoder, after))
+
+
+def test_a_line_cut_short_by_a_kill_does_not_block_resume(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "lo')
+    assert checkpointing.read_metrics(tmp_path) == [{"step": 0, "loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "lo\n{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+        checkpointing.read_metrics(tmp_path)

@@ -87,8 +87,8 @@ def _times_as_float(time: xr.DataArray) -> tuple[np.ndarray, str]:
 def check_monotone_times(times: np.ndarray, what: str = "time") -> None:
     """Raise if ``times`` is not a finite, strictly increasing 1-D array."""
     times = np.asarray(times)
-    if times.ndim != 1:
-        raise ValueError(f"{what} must be 1-D, found shape {times.shape}.")
+    if times.ndim != 1 or times.size == 0:
+        raise ValueError(f"{what} must be a non-empty 1-D array, found shape {times.shape}.")
     if not np.all(np.isfinite(times)):
         raise ValueError(f"{what} must be finite, found {times[~np.isfinite(times)][:5]}.")
     if times.size > 1 and np.any(np.diff(times) <= 0):
@@ -185,8 +185,11 @@ class TrajectoryDataset:
             raise SchemaError(f"{source} has no '{TIME_DIM}' dimension; found dimensions {list(ds.dims)}.")
         if TRAJECTORY_DIM not in ds.dims:
             ds = ds.expand_dims(TRAJECTORY_DIM)
+        # Fields are floating-point variables over (trajectory, time, *space); a boolean 'mask' is not one.
         candidates = [
-            name for name, v in ds.data_vars.items() if v.dims[:2] == (TRAJECTORY_DIM, TIME_DIM) and v.ndim > 2
+            name
+            for name, v in ds.data_vars.items()
+            if v.dims[:2] == (TRAJECTORY_DIM, TIME_DIM) and v.ndim > 2 and np.issubdtype(v.dtype, np.floating)
         ]
         if variables is None:
             variables = candidates
