@@ -307,8 +307,9 @@ class Forecaster:
             out_coords[TRAJECTORY_DIM] = ((TRAJECTORY_DIM,), ds[TRAJECTORY_DIM].values)
         lead_units = self.time_units.split(" since ")[0]  # a duration: "hours since 2020-01-01" -> "hours"
         out_coords["lead_time"] = ((TIME_DIM,), times, {"units": lead_units, "long_name": "time since the initial state"})
-        out_coords[TIME_DIM] = ((TIME_DIM,), self._valid_times(initial_state, times))
-        attrs = {"source": "enfpde Forecaster", "model_step": int(getattr(self, "step", -1))}
+        time_attrs = dict(initial_state[TIME_DIM].attrs) if TIME_DIM in initial_state.coords else {"units": self.time_units}
+        out_coords[TIME_DIM] = ((TIME_DIM,), self._valid_times(initial_state, times), time_attrs)
+        attrs = {"Conventions": "CF-1.10", "source": "enfpde Forecaster", "model_step": int(getattr(self, "step", -1))}
         return xr.Dataset(data_vars, coords=out_coords, attrs=attrs)
 
     def _check_variables(self, variables):
