@@ -93,6 +93,12 @@ def test_forecast_command_writes_netcdf_and_never_overwrites(tiny_run, tiny_data
     written = xr.open_dataset(out)
     assert written.u.shape == (3, 4, 16, 12)
     np.testing.assert_allclose(written.lead_time, TIMES)
+    # --at: the output grid of another file (16 x 16, the shape compiled by the grid test above).
+    axis = np.arange(16) / 16
+    xr.Dataset(coords={"y": axis, "x": axis}).to_netcdf(tmp_path / "grid.nc")
+    at_args = ["forecast", str(tiny_run), str(tiny_data / "test.nc"), "-o", str(tmp_path / "at.nc"), "--times", "0,0.5,1,3"]
+    assert cli_main(at_args + ["--at", str(tmp_path / "grid.nc")]) == 0
+    np.testing.assert_allclose(xr.open_dataset(tmp_path / "at.nc").y, axis)
     before = out.read_bytes()
     assert cli_main(args) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
