@@ -8,7 +8,6 @@ harness uses) and ``forecast`` on xarray Datasets.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from flax import nnx
 
 from enfpde import checkpointing
 from enfpde.config import DataConfig, ModelConfig, RunConfig, config_from_yaml
-from enfpde.data.trajectories import GRID_AXES, POINT_DIM, TIME_DIM, TRAJECTORY_DIM, Normalizer, check_monotone_times
+from enfpde.data.trajectories import POINT_DIM, TIME_DIM, TRAJECTORY_DIM, Normalizer, check_monotone_times, grid_points
 from enfpde.dynamics import EquivariantDynamics
 from enfpde.encoder import MetaSGDEncoder
 from enfpde.field import EquivariantNeuralField
@@ -361,8 +360,7 @@ class Forecaster:
             if ds[v].dims != first.dims:
                 raise ValueError(f"variable '{v}' has dimensions {ds[v].dims}, expected {first.dims} like '{self.variables[0]}'.")
         if space == tuple(self.axes):
-            mesh = np.meshgrid(*[ds[a].values for a in self.axes], indexing="ij")
-            coords = np.stack([m.reshape(-1) for m in mesh], axis=-1)
+            coords = grid_points([ds[a].values for a in self.axes])
         else:
             coords = np.stack([ds[a].values for a in self.axes], axis=-1)
         values = np.stack([ds[v].values.astype(np.float32) for v in self.variables], axis=-1)
@@ -388,34 +386,28 @@ class Forecaster:
     def _query(self, ds: xr.Dataset, at):
         """Query coordinates [Q, D], output spatial dims, shape and coordinate variables."""
         if at is None:
-            at = ds
             first = ds[self.variables[0]]
             space = first.dims[1:] if TRAJECTORY_DIM in first.dims else first.dims
+            values = [np.asarray(ds[a].values) for a in self.axes]
         else:
             if not isinstance(at, (xr.Dataset, xr.DataArray, xr.Coordinates, Mapping)):
                 raise TypeError(f"'at' must be None, a mapping of coordinates or an xarray Dataset, found {type(at).__name__}.")
             missing = [a for a in self.axes if a not in at]
             if missing:
                 raise KeyError(f"'at' lacks coordinate(s) {missing}; expected {list(self.axes)}.")
-            arrays = {a: (at[a] if isinstance(at[a], xr.DataArray) else xr.DataArray(np.asarray(at[a]), dims=(a,))) for a in self.axes}
-            if all(arrays[a].dims == (POINT_DIM,) for a in self.axes):
+            arrays = [at[a] if isinstance(at[a], xr.DataArray) else xr.DataArray(np.asarray(at[a])) for a in self.axes]
+            if all(array.dims == (POINT_DIM,) for array in arrays):
                 space = (POINT_DIM,)
-            elif all(arrays[a].ndim == 1 for a in self.axes):
-                arrays = {a: xr.DataArray(arrays[a].values, dims=(a,)) for a in self.axes}
+            elif all(array.ndim == 1 for array in arrays):
                 space = tuple(self.axes)
             else:
                 raise ValueError(f"'at': coordinates must be 1-D per grid axis {list(self.axes)} or all on '{POINT_DIM}'.")
-            at = arrays
+            values = [np.asarray(array.values) for array in arrays]
         if space == tuple(self.axes):
-            axis_values = [np.asarray(at[a].values if hasattr(at[a], "values") else at[a]) for a in self.axes]
-            mesh = np.meshgrid(*axis_values, indexing="ij")
-            query = np.stack([m.reshape(-1) for m in mesh], axis=-1)
-            coords = {a: ((a,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, axis_values)}
-            return query, space, tuple(v.size for v in axis_values), coords
-        point_values = [np.asarray(at[a].values if hasattr(at[a], "values") else at[a]) for a in self.axes]
-        query = np.stack(point_values, axis=-1)
-        coords = {a: ((POINT_DIM,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, point_values)}
-        return query, (POINT_DIM,), (query.shape[0],), coords
+            coords = {a: ((a,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, values)}
+            return grid_points(values), space, tuple(v.size for v in values), coords
+        coords = {a: ((POINT_DIM,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, values)}
+        return np.stack(values, axis=-1), space, (values[0].size,), coords
 
     def _valid_times(self, ds: xr.Dataset, lead: np.ndarray):
         if TIME_DIM in ds.coords and ds[TIME_DIM].size == 1:

@@ -107,7 +107,7 @@ def _check_resumable(saved: RunConfig, requested: RunConfig) -> None:
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise ConfigError(
-            f"cannot resume with a different configuration; changed: "
+            "cannot resume with a different configuration; changed: "
             + ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
             + f". Only {sorted(RESUMABLE_CHANGES)} may change on resume; start a new run for anything else."
         )
@@ -262,8 +262,8 @@ class Trainer:
 
     def _save(self, manager, step: int) -> None:
         model_state = nnx.state(self.modules)
-        leaves = jax.tree.leaves(nnx.to_pure_dict(model_state))
-        if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)):
+        leaves = [x for x in jax.tree.leaves(model_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+        if not bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))):  # one host round trip
             raise NonFiniteLossError(f"parameters became non-finite at step {step}; not saving them.")
         checkpointing.save(manager, step, model_state, self._train_state(step))
 

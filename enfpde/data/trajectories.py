@@ -52,6 +52,12 @@ def open_dataset(path: str | os.PathLike) -> xr.Dataset:
     return xr.open_dataset(path, engine="netcdf4")
 
 
+def grid_points(axis_values) -> np.ndarray:
+    """The points of the grid spanned by 1-D ``axis_values`` (one array per axis), row-major: ``[M, D]``."""
+    mesh = np.meshgrid(*axis_values, indexing="ij")
+    return np.stack([m.reshape(-1) for m in mesh], axis=-1)
+
+
 def _spatial_layout(ds: xr.Dataset, dims: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
     """Return the names of the coordinate axes and the grid shape (None for scattered points)."""
     if dims == (POINT_DIM,):
@@ -212,8 +218,7 @@ class TrajectoryDataset:
             axis_values = None
         else:
             axis_values = tuple(ds[a].values.astype(np.float64) for a in axes)
-            mesh = np.meshgrid(*axis_values, indexing="ij")
-            coords = np.stack([m.reshape(-1) for m in mesh], axis=-1)
+            coords = grid_points(axis_values)
         if not np.all(np.isfinite(coords)):
             raise SchemaError(f"coordinates of {source} contain non-finite values.")
         n, t = ds.sizes[TRAJECTORY_DIM], ds.sizes[TIME_DIM]
