@@ -28,7 +28,7 @@ def _parse_times(text: str) -> np.ndarray:
 
 
 def _cmd_generate(args) -> int:
-    from enfpde.data.navier_stokes import generate_dataset
+    from enfpde.data import generate_dataset
 
     paths = generate_dataset(args.config, output_dir=args.output_dir, overwrite=args.overwrite, progress=not args.quiet)
     for split, path in paths.items():

@@ -28,11 +28,14 @@ class DataConfig:
     ``horizon`` is the number of frames of the training horizon (t_in, frame 0 included); the frames after
     it are t_out. ``geometry`` is ``torus``, ``plane``, ``sphere``, ``axial_sphere`` or ``absolute``;
     ``periods`` are the torus periods in the units of the coordinates (ordered like the spatial dimensions).
+    ``test_fine`` holds the test trajectories at a finer frame interval (temporal super-resolution),
+    ``test_native`` the same frames on a finer grid (zero-shot spatial super-resolution).
     """
 
     train: str = "data/navier_stokes/train.nc"
     test: str = "data/navier_stokes/test.nc"
     test_fine: Optional[str] = "data/navier_stokes/test_fine.nc"
+    test_native: Optional[str] = None
     variables: Optional[list[str]] = None
     horizon: int = 10
     geometry: str = "torus"
@@ -108,6 +111,8 @@ class EvalConfig:
     shift: bool = True
     train_split: bool = True
     seed: int = 0
+    # variable -> factor on its error, to report in other units than the file's (None: the file's units)
+    variable_scales: Optional[dict[str, float]] = None
 
 
 @dataclasses.dataclass

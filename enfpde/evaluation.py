@@ -11,13 +11,18 @@ the data's raw units. :func:`evaluate` runs, on one split,
 * ``shifted``: every trajectory rolled periodically by a random whole number of grid cells, the model
   forecasting from the rolled frame 0 (an equivariant model scores as on ``standard``, up to the
   trajectories' own variation);
+* ``zero_shot``: zero-shot spatial super-resolution: the initial state observed on the dataset's grid, the
+  forecast queried on a finer grid holding the same trajectories (e.g. the native 192 x 96 shallow-water
+  grid beside the 96 x 48 training grid) and scored against it;
 
 each beside persistence (frame 0 held), the floor every table shows.
 
 Metric (REFERENCE section 3): plain MSE in the data's units over all points and channels, averaged over
 trajectories; ``t_in`` = the frames inside the training horizon including frame 0, ``t_out`` = the frames
 after it. On latitude/longitude grids a latitude-weighted MSE (weights ``cos(latitude)`` normalised to mean
-1 over the points) can be reported beside the plain one.
+1 over the points) can be reported beside the plain one. ``variable_scales`` multiplies each channel's
+error by a constant first, to report in other units than the file's (e.g. the shallow-water reference's
+nondimensional units, metre -> 1/R and second -> 1/3600, see :mod:`enfpde.data.shallow_water`).
 """
 
 from __future__ import annotations
@@ -170,11 +175,12 @@ class Persistence:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _frame_sums(pred, truth, mask=None, weights=None) -> tuple[np.ndarray, np.ndarray]:
+def _frame_sums(pred, truth, mask=None, weights=None, scales=None) -> tuple[np.ndarray, np.ndarray]:
     """Weighted squared-error sums and weight totals ``[B, T]`` over points and channels.
 
     Entries where the truth is missing (NaN) or ``mask`` is False carry no weight; a NaN prediction where
-    the truth is observed makes the sum NaN (a diverged model is reported, not hidden).
+    the truth is observed makes the sum NaN (a diverged model is reported, not hidden). ``scales`` (``[C]``)
+    multiplies each channel's error.
     """
     pred, truth = np.asarray(pred), np.asarray(truth)
     if pred.shape != truth.shape or pred.ndim != 4:
@@ -194,6 +200,8 @@ def _frame_sums(pred, truth, mask=None, weights=None) -> tuple[np.ndarray, np.nd
         w = w * weights[:, None]
     # Missing truth gives zero error; a NaN prediction at an observed entry stays NaN.
     error = np.where(valid, pred.astype(np.float64) - np.where(valid, truth, 0.0), 0.0)
+    if scales is not None:
+        error = error * np.asarray(scales, np.float64)
     return np.sum(w * error**2, axis=(2, 3)), np.sum(w, axis=(2, 3))
 
 
@@ -365,6 +373,7 @@ class _Setting:
     sparse: np.ndarray | None = None  # [N, M] observed frame-0 points
     shifts: np.ndarray | None = None  # [N, len(axes)] cells
     shift_axes: tuple[int, ...] = ()
+    query: TrajectoryDataset | None = None  # truth on other points (spatial super-resolution); None: source
     extra: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -399,8 +408,24 @@ def _check_fine(dataset: TrajectoryDataset, fine: TrajectoryDataset) -> None:
         )
 
 
+def _check_native(dataset: TrajectoryDataset, native: TrajectoryDataset) -> None:
+    """``native`` must hold the same trajectories, frames and variables as ``dataset`` on other points."""
+    if native.values.shape[0] != dataset.values.shape[0] or native.values.shape[1] != dataset.values.shape[1]:
+        raise ValueError(
+            f"the native dataset must hold the same trajectories and frames: found values of shape "
+            f"{native.values.shape} against the dataset's {dataset.values.shape} ([N, T, M, C], M may differ)."
+        )
+    if tuple(native.variables) != tuple(dataset.variables) or tuple(native.axes) != tuple(dataset.axes):
+        raise ValueError(
+            f"the native dataset has variables {list(native.variables)} on axes {list(native.axes)}; expected "
+            f"{list(dataset.variables)} on {list(dataset.axes)} like the dataset."
+        )
+    if not np.allclose(native.times - native.times[0], dataset.times - dataset.times[0], rtol=1e-5, atol=1e-6):
+        raise ValueError("the native dataset's lead times differ from the dataset's: they must be the same frames.")
+
+
 def _settings(
-    dataset, fine, dtaus, sparse_fractions, shift, periodic_axes, seed
+    dataset, fine, dtaus, sparse_fractions, shift, periodic_axes, seed, native=None
 ) -> list[_Setting]:
     every = np.arange(dataset.num_frames)
     settings = [_Setting("standard", "standard", dataset, every)]
@@ -448,6 +473,19 @@ def _settings(
                 extra={"shift_axes": list(periodic_axes), "shifts_cells": shifts.tolist()},
             )
         )
+    if native is not None:
+        _check_native(dataset, native)
+        shape = "x".join(map(str, native.grid_shape)) if native.grid_shape is not None else f"{native.coords.shape[0]} points"
+        settings.append(
+            _Setting(
+                "zero_shot",
+                f"zero-shot {shape}",
+                dataset,
+                every,
+                query=native,
+                extra={"query_points": int(native.coords.shape[0]), "query_grid_shape": native.grid_shape and list(native.grid_shape)},
+            )
+        )
     return settings
 
 
@@ -479,32 +517,38 @@ def _summary(sums, totals, times, horizon_time) -> dict:
     return {**split_mse(per_frame, times, horizon_time), "per_frame": per_frame.tolist()}
 
 
-def _run_setting(s: _Setting, dataset, forecasters: dict, batches, weights, horizon_time, bar) -> dict:
+def _run_setting(
+    s: _Setting, dataset, forecasters: dict, batches, latitude_weighted, scales, horizon_time, bar
+) -> dict:
     """Forecast every batch of one setting with each forecaster; the setting's entry of the results."""
     n, t, coords, times = dataset.num_trajectories, len(s.frames), dataset.coords, s.lead_times
-    kinds = {"plain": None} if weights is None else {"plain": None, "lat_weighted": weights}
+    target = s.query if s.query is not None else s.source
+    query_coords = target.coords
+    kinds = {"plain": None}
+    if latitude_weighted:
+        kinds["lat_weighted"] = latitude_weights(target)
     # [forecaster][kind] -> [N, T] weighted squared-error sums and weight totals
     acc = {who: {k: (np.zeros((n, t)), np.zeros((n, t))) for k in kinds} for who in forecasters}
     for idx in batches:
-        truth = s.source.values[idx][:, s.frames]
+        truth = target.values[idx][:, s.frames]
         if s.shifts is not None:
             truth = np.stack(
                 [roll_grid(truth[j], dataset.grid_shape, s.shift_axes, s.shifts[i]) for j, i in enumerate(idx)]
             )
-        initial = truth[:, 0].copy()
+        initial = (truth[:, 0] if s.query is None else s.source.values[idx][:, 0]).copy()
         if s.sparse is not None:
             initial[~s.sparse[idx]] = np.nan
-        expected = (len(idx), t, coords.shape[0], truth.shape[-1])
+        expected = (len(idx), t, query_coords.shape[0], truth.shape[-1])
         for who, (forecaster, label) in forecasters.items():
-            pred = _check_prediction(forecaster.predict(coords, initial, times, coords), expected, label)
+            pred = _check_prediction(forecaster.predict(coords, initial, times, query_coords), expected, label)
             for kind, w in kinds.items():
-                sums, totals = _frame_sums(pred, truth, weights=w)
+                sums, totals = _frame_sums(pred, truth, weights=w, scales=scales)
                 acc[who][kind][0][idx], acc[who][kind][1][idx] = sums, totals
         bar.update(1)
     entry = {"label": s.label, "times": times.tolist()}
     for who in forecasters:
         entry[who] = _summary(*acc[who]["plain"], times, horizon_time)
-        if weights is not None:
+        if latitude_weighted:
             entry[who]["lat_weighted"] = _summary(*acc[who]["lat_weighted"], times, horizon_time)
     entry.update(s.extra)
     return entry
@@ -521,6 +565,8 @@ def evaluate(
     shift: bool = True,
     periodic_axes: Sequence[str] | None = None,
     latitude_weighted: bool = False,
+    native: TrajectoryDataset | None = None,
+    variable_scales: Sequence[float] | None = None,
     persistence: ArrayForecaster | None = None,
     name: str | None = None,
     seed: int = 0,
@@ -543,6 +589,10 @@ def evaluate(
             latitude/longitude grids, and required on other grids when ``shift``. Also sets the periods of
             the default persistence's nearest-neighbour search.
         latitude_weighted: also report the cos(latitude)-weighted MSE (grids with a 'latitude' axis).
+        native: the same trajectories and frames on a finer grid (or other points): adds ``zero_shot``, the
+            forecast from the dataset's frame 0 queried at ``native``'s points and scored against it.
+        variable_scales: ``[C]`` factors multiplying each channel's error (report in other units than the
+            file's); None: the file's units.
         persistence: the floor; default :meth:`Persistence.for_dataset`.
         name: the model's name in the results (default: its class name).
         seed: seeds the sparse masks and the shifts: the same for every model given the seed.
@@ -555,7 +605,7 @@ def evaluate(
              "dataset": {"num_trajectories", "num_points", "grid_shape", "axes", "variables", "units",
                          "time_units", "times"},
              "protocol": {"horizon_time", "seed", "batch_size", "dtaus", "sparse_fractions",
-                          "periodic_axes", "latitude_weighted"},
+                          "periodic_axes", "latitude_weighted", "variable_scales"},
              "settings": {key: {"label": str, "times": [T] lead times,
                                 "model": {"t_in", "t_out", "per_frame": [T]
                                           [, "lat_weighted": {"t_in", "t_out", "per_frame"}]},
@@ -564,7 +614,7 @@ def evaluate(
                                    shift_axes, shifts_cells}}}
 
         with keys ``standard``, ``dtau_1``, ``dtau_0.5``, ``dtau_0.25``, ``sparse_50%``, ``sparse_5%``,
-        ``shifted`` (those enabled), in that order. ``t_in``/``t_out`` are None for an empty group; a model
+        ``shifted``, ``zero_shot`` (those enabled), in that order. ``t_in``/``t_out`` are None for an empty group; a model
         that returns NaN where the truth is observed gets NaN.
     """
     from tqdm.auto import tqdm
@@ -578,10 +628,19 @@ def evaluate(
     if not math.isfinite(horizon_time):
         raise ValueError(f"horizon_time must be finite, found {horizon_time}.")
     periodic_axes = _resolve_periodic_axes(dataset, periodic_axes, shift)
-    weights = latitude_weights(dataset) if latitude_weighted else None
+    if latitude_weighted:
+        latitude_weights(dataset)  # fails early on a dataset without latitude
+    scales = None
+    if variable_scales is not None:
+        scales = np.asarray(variable_scales, np.float64)
+        if scales.shape != (len(dataset.variables),) or not np.all(np.isfinite(scales)) or np.any(scales <= 0):
+            raise ValueError(
+                f"variable_scales must be {len(dataset.variables)} positive finite factors (one per variable "
+                f"{list(dataset.variables)}), found {list(np.ravel(variable_scales))}."
+            )
     if persistence is None:
         persistence = Persistence.for_dataset(dataset, periodic_axes)
-    settings = _settings(dataset, fine, dtaus, sparse_fractions, shift, periodic_axes, seed)
+    settings = _settings(dataset, fine, dtaus, sparse_fractions, shift, periodic_axes, seed, native)
     name = type(model).__name__ if name is None else str(name)
 
     n = dataset.num_trajectories
@@ -592,7 +651,7 @@ def evaluate(
     with tqdm(total=total, desc=f"evaluate {name}", unit="batch", disable=not progress) as bar:
         for s in settings:
             bar.set_postfix_str(s.key)
-            results[s.key] = _run_setting(s, dataset, forecasters, batches, weights, horizon_time, bar)
+            results[s.key] = _run_setting(s, dataset, forecasters, batches, latitude_weighted, scales, horizon_time, bar)
 
     return {
         "model": name,
@@ -615,6 +674,7 @@ def evaluate(
             "sparse_fractions": [float(f) for f in sparse_fractions],
             "periodic_axes": list(periodic_axes) if shift else [],
             "latitude_weighted": bool(latitude_weighted),
+            "variable_scales": None if scales is None else scales.tolist(),
         },
         "settings": results,
     }
@@ -660,7 +720,11 @@ def render_markdown(results: dict, *, title: str) -> str:
         f"({', '.join(data.get('units', []))}); training horizon: lead time < {horizon}{_time_units(data)}; "
         f"seed {protocol.get('seed')}."
     )
-    lines += ["", "Plain MSE in the data's units over all points and channels, averaged over trajectories; "
+    scales = protocol.get("variable_scales")
+    units = "the data's units" if not scales else "the data's units times the factors " + ", ".join(
+        f"{v} x {f:.6g}" for v, f in zip(data.get("variables", []), scales)
+    )
+    lines += ["", f"Plain MSE in {units} over all points and channels, averaged over trajectories; "
               "t_in includes frame 0.", ""]
     lines += _metrics_table(settings, None)
     weighted = any("lat_weighted" in e["model"] for e in settings.values())

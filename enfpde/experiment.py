@@ -52,6 +52,8 @@ def evaluate_run(
     targets = [report_path, out / "test" / "metrics.json", out / "train" / "metrics.json"]
     if figures:
         targets += [out / "forecast_vs_truth.png", out / "rollout.gif", out / "mse_per_lead_time.png"]
+        if config.data.test_native:
+            targets.append(out / "forecast_vs_truth_zero_shot.png")
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"evaluation output exists ({', '.join(existing)}); pass --overwrite to replace it.")
@@ -59,11 +61,23 @@ def evaluate_run(
     variables = list(model.variables)
     test = TrajectoryDataset.open(config.data.test, variables)
     fine = TrajectoryDataset.open(config.data.test_fine, variables) if config.data.test_fine else None
+    native = TrajectoryDataset.open(config.data.test_native, variables) if config.data.test_native else None
     ec = config.eval
+    scales = None
+    if ec.variable_scales:
+        unknown = sorted(set(ec.variable_scales) - set(variables))
+        missing = [v for v in variables if v not in ec.variable_scales]
+        if unknown or missing:
+            raise ValueError(
+                f"eval.variable_scales must give a factor for each of the model's variables {variables}; "
+                f"unknown {unknown}, missing {missing}."
+            )
+        scales = [float(ec.variable_scales[v]) for v in variables]
     common = dict(
         horizon_time=meta["horizon_time"],
         periodic_axes=tuple(config.data.periodic_axes) or None,
         latitude_weighted="latitude" in test.axes,
+        variable_scales=scales,
         seed=ec.seed,
         batch_size=ec.batch_size,
         progress=progress,
@@ -71,7 +85,9 @@ def evaluate_run(
     )
     start = time.perf_counter()
     results = {
-        "test": evaluate(model, test, fine=fine, sparse_fractions=tuple(ec.sparse_fractions), shift=ec.shift, **common)
+        "test": evaluate(
+            model, test, fine=fine, native=native, sparse_fractions=tuple(ec.sparse_fractions), shift=ec.shift, **common
+        )
     }
     if ec.train_split:
         train = TrajectoryDataset.open(config.data.train, variables).select(frames=slice(0, test.num_frames))
@@ -84,13 +100,14 @@ def evaluate_run(
         sections.append(render_markdown(result, title=f"{split} split"))
     sections.append(f"Evaluation took {elapsed:.1f} s.\n")
     if figures:
-        sections.append(_figures(model, test, fine, results["test"], out, meta, overwrite))
+        sections.append(_figures(model, test, fine, native, results["test"], out, meta, overwrite))
     write_text_atomic(report_path, "\n".join(sections))
     return report_path
 
 
-def _figures(model, test, fine, result, out: Path, meta: dict, overwrite: bool) -> str:
-    """Forecast-versus-truth PNG and rollout GIF of the first test trajectory, MSE per lead time."""
+def _figures(model, test, fine, native, result, out: Path, meta: dict, overwrite: bool) -> str:
+    """Forecast-versus-truth PNG and rollout GIF of the first test trajectory, MSE per lead time; with
+    ``native``, also the forecast from the training-resolution frame 0 decoded on the native grid."""
     from enfpde.plotting import animate_rollout, grid_extent, grid_frames, plot_forecast_vs_truth, plot_mse_per_lead_time
 
     if test.grid_shape is None:
@@ -115,10 +132,21 @@ def _figures(model, test, fine, result, out: Path, meta: dict, overwrite: bool) 
         horizon_time=horizon, variable=variable, units=units, extent=extent, axis_labels=labels, overwrite=overwrite,
     )
     plot_mse_per_lead_time(result, out / "mse_per_lead_time.png", overwrite=overwrite)
-    return (
+    text = (
         "![forecast versus truth](forecast_vs_truth.png)\n\n![MSE per lead time](mse_per_lead_time.png)\n\n"
         "![rollout](rollout.gif)\n"
     )
+    if native is not None and native.grid_shape is not None:
+        pred = model.predict(test.coords, test.values[first, 0], times, native.coords)
+        shape = "x".join(map(str, native.grid_shape))
+        plot_forecast_vs_truth(
+            grid_frames(native, native.values[0]), grid_frames(native, pred[0]), times,
+            out / "forecast_vs_truth_zero_shot.png", horizon_time=horizon, variable=variable, units=units,
+            extent=grid_extent(native), axis_labels=labels, overwrite=overwrite,
+            title=f"zero-shot {shape}: observed on the {'x'.join(map(str, test.grid_shape))} grid",
+        )
+        text += f"\n![zero-shot forecast versus truth on the {shape} grid](forecast_vs_truth_zero_shot.png)\n"
+    return text
 
 
 def regular_grid(model: Forecaster, resolution: str) -> dict[str, np.ndarray]:
@@ -184,14 +212,15 @@ def forecast_file(
 
 
 def ensure_dataset(config: RunConfig, *, progress: bool = True) -> None:
-    """Generate the run's dataset from ``config.dataset`` (a Navier-Stokes dataset YAML in datasets/, the
-    only generated source so far) if its files are missing.
+    """Generate the run's dataset from ``config.dataset`` (a dataset YAML in datasets/, Navier-Stokes or
+    shallow water) if its files are missing.
 
     The files go to the directory of ``config.data.train``; existing files are reused, never replaced.
     """
-    from enfpde.data.navier_stokes import generate_dataset
+    from enfpde.data import generate_dataset
 
-    files = [Path(p) for p in (config.data.train, config.data.test, config.data.test_fine) if p]
+    d = config.data
+    files = [Path(p) for p in (d.train, d.test, d.test_fine, d.test_native) if p]
     if all(p.exists() for p in files):
         return
     if not config.dataset:
@@ -281,3 +310,96 @@ def _summary_table(run_dir: Path, out_name: str = EVAL_DIR) -> str:
             m, p = s["model"], s["persistence"]
             lines.append(f"| {split} | {m['t_in']:.3e} | {m['t_out']:.3e} | {p['t_in']:.3e} | {p['t_out']:.3e} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparison of several evaluated runs (ablations, baselines)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def training_summary(run_dir: str | os.PathLike) -> dict:
+    """Epochs reached per stage, steps and training wall time (s) of a run, from its metrics log.
+
+    The log's ``elapsed_s`` restarts with every resumed process: the wall time is the sum over those
+    segments (time spent killed is not counted)."""
+    records = checkpointing.read_metrics(run_dir)
+    # A resumed run repeats the steps after its last checkpoint: the last record of a step counts.
+    by_step = {r["step"]: r for r in records}
+    epochs: dict[str, set] = {}
+    for r in by_step.values():
+        epochs.setdefault(r["stage"], set()).add(int(r["epoch"]))  # the log's epochs count across stages
+    wall, previous = 0.0, 0.0
+    for r in records:
+        if r["elapsed_s"] < previous:  # a new process: close the previous segment
+            wall += previous
+        previous = r["elapsed_s"]
+    return {"epochs": {stage: len(e) for stage, e in epochs.items()}, "steps": len(by_step), "wall_s": wall + previous}
+
+
+def _load_metrics(run_dir: Path, out_name: str, split: str) -> dict | None:
+    import json
+
+    path = run_dir / out_name / split / "metrics.json"
+    return json.loads(path.read_text())["settings"] if path.exists() else None
+
+
+def comparison_markdown(
+    runs: dict[str, str | os.PathLike], *, title: str, paper_table: str | None = None, out_name: str = EVAL_DIR
+) -> str:
+    """One markdown report comparing evaluated runs: MSE t_in / t_out on train and test (plain, and
+    latitude-weighted when present), zero-shot super-resolution, the sparse and shifted protocols, and each
+    run's epochs and training time; persistence (from the first run's evaluation) and ``paper_table`` beside.
+
+    Args:
+        runs: row label -> run directory, each evaluated by :func:`evaluate_run` into ``out_name``.
+    """
+    evaluated = {label: (Path(d), _load_metrics(Path(d), out_name, "test"), _load_metrics(Path(d), out_name, "train"))
+                 for label, d in runs.items()}
+    missing = [str(d) for d, test, _ in evaluated.values() if test is None]
+    if missing:
+        raise FileNotFoundError(f"no evaluation ({out_name}/test/metrics.json) in {missing}; evaluate the runs first.")
+
+    def pair(settings, key, who, kind):
+        entry = (settings or {}).get(key)
+        if entry is None:
+            return "— | —"
+        values = entry[who] if kind is None else entry[who].get(kind)
+        if values is None:
+            return "— | —"
+        return " | ".join("—" if values[p] is None else f"{values[p]:.2e}" for p in ("t_in", "t_out"))
+
+    first_test, first_train = next(iter(evaluated.values()))[1:]
+    kinds = [(None, "Plain MSE")]
+    if "lat_weighted" in first_test["standard"]["model"]:
+        kinds.append(("lat_weighted", "Latitude-weighted MSE (cos latitude, mean weight 1)"))
+    lines = [f"# {title}", ""]
+    for kind, heading in kinds:
+        lines += [f"## {heading}", "", "| model | t_in train | t_out train | t_in test | t_out test |", "|---|---|---|---|---|"]
+        for label, (_, test, train) in evaluated.items():
+            lines.append(f"| {label} | {pair(train, 'standard', 'model', kind)} | {pair(test, 'standard', 'model', kind)} |")
+            if "zero_shot" in test:
+                lines.append(f"| {label}, {test['zero_shot']['label']} | — | — | {pair(test, 'zero_shot', 'model', kind)} |")
+        lines.append(f"| persistence | {pair(first_train, 'standard', 'persistence', kind)} | "
+                     f"{pair(first_test, 'standard', 'persistence', kind)} |")
+        if "zero_shot" in first_test:
+            lines.append(f"| persistence, {first_test['zero_shot']['label']} | — | — | "
+                         f"{pair(first_test, 'zero_shot', 'persistence', kind)} |")
+        lines.append("")
+    others = [k for k in first_test if k not in ("standard", "zero_shot")]
+    if others:
+        lines += ["## Other protocols (test, plain MSE t_in / t_out)", "",
+                  "| model | " + " | ".join(first_test[k]["label"] for k in others) + " |",
+                  "|---|" + "---|" * len(others)]
+        for label, (_, test, _) in evaluated.items():
+            cells = [pair(test, k, "model", None).replace(" | ", " / ") for k in others]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        cells = [pair(first_test, k, "persistence", None).replace(" | ", " / ") for k in others]
+        lines += ["| persistence | " + " | ".join(cells) + " |", ""]
+    lines += ["## Training", "", "| model | epochs reached | steps | training wall time |", "|---|---|---|---|"]
+    for label, (run_dir, _, _) in evaluated.items():
+        s = training_summary(run_dir)
+        epochs = ", ".join(f"{stage} {n}" for stage, n in s["epochs"].items())
+        lines.append(f"| {label} | {epochs} | {s['steps']} | {s['wall_s'] / 60:.1f} min |")
+    if paper_table:
+        lines += ["", "## The paper's numbers", "", paper_table.strip()]
+    return "\n".join(lines) + "\n"

@@ -69,8 +69,7 @@ def _torus_dataset(times, n=16):
     )
 
 
-def _sphere_dataset(times):
-    lat, lon = np.array([-60.0, -20.0, 20.0, 60.0]), np.arange(0.0, 360.0, 30.0)
+def _sphere_dataset(times, lat=np.array([-60.0, -20.0, 20.0, 60.0]), lon=np.arange(0.0, 360.0, 30.0)):
     mesh = np.meshgrid(lat, lon, indexing="ij")
     coords = np.stack([m.reshape(-1) for m in mesh], -1)
     return TrajectoryDataset(
@@ -80,7 +79,7 @@ def _sphere_dataset(times):
         variables=("h", "u"),
         units=("m", "m s-1"),
         axes=("latitude", "longitude"),
-        grid_shape=(4, 12),
+        grid_shape=(len(lat), len(lon)),
         axis_values=(lat, lon),
     )
 
@@ -273,6 +272,36 @@ def test_sphere_latitude_weighted_and_longitude_shift():
     np.testing.assert_allclose(standard["per_frame"], hand_plain, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(standard["lat_weighted"]["per_frame"], hand_weighted, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(res["settings"]["shifted"]["persistence"]["lat_weighted"]["per_frame"], hand_weighted, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_shot_super_resolution_queries_the_native_grid():
+    coarse = _sphere_dataset(COARSE)
+    native = _sphere_dataset(COARSE, lat=np.linspace(-70.0, 70.0, 8), lon=np.arange(0.0, 360.0, 15.0))
+    res = evaluate(
+        ExactWave(_sphere_phase, _sphere_envelope), coarse, horizon_time=HORIZON, native=native,
+        latitude_weighted=True, sparse_fractions=(), shift=False, progress=False,
+    )
+    zero_shot = res["settings"]["zero_shot"]
+    assert zero_shot["label"] == "zero-shot 8x24" and zero_shot["query_points"] == 8 * 24
+    assert zero_shot["model"]["t_in"] < 1e-10 and zero_shot["model"]["lat_weighted"]["t_out"] < 1e-10
+    # Persistence copies the nearest coarse point onto the native grid: frame 0 is no longer exact there.
+    assert res["settings"]["standard"]["persistence"]["per_frame"][0] == 0.0
+    assert zero_shot["persistence"]["per_frame"][0] > 1e-2
+    with pytest.raises(ValueError, match="same trajectories and frames"):
+        evaluate(Replay(coarse), coarse, horizon_time=HORIZON, native=native.select(frames=slice(0, 4)),
+                 sparse_fractions=(), shift=False, progress=False)
+
+
+def test_variable_scales_multiply_each_channel_error():
+    ds = _torus_dataset(COARSE, n=8)
+    scales = np.array([2.0, 0.5])
+    res = evaluate(Persistence(periods=(1.0, 1.0)), ds, horizon_time=HORIZON, periodic_axes=("y", "x"),
+                   variable_scales=scales, sparse_fractions=(), shift=False, progress=False)
+    hand = np.mean(AMPLITUDES**2 * scales**2) * (1.0 - np.cos(2 * np.pi * SPEED * COARSE))
+    np.testing.assert_allclose(res["settings"]["standard"]["model"]["per_frame"], hand, rtol=1e-5, atol=1e-7)
+    assert res["protocol"]["variable_scales"] == [2.0, 0.5]
+    with pytest.raises(ValueError, match="variable_scales must be 2 positive"):
+        evaluate(Replay(ds), ds, horizon_time=HORIZON, variable_scales=[1.0], shift=False, progress=False)
 
 
 def test_fine_dataset_must_hold_the_same_trajectories():
