@@ -69,6 +69,16 @@ class ModelConfig:
     kernel_radius: Optional[float] = None
     solver: str = "euler"
     dt0: float = 1.0
+    # Data time units per model time unit: the dynamics see t / time_unit, and dt0 is in model time. Set it
+    # to the frame interval (e.g. 16.67 hours for shallow water) so the latent velocity is a change per
+    # frame whatever the data's time units, and the learning rates of the presets carry over.
+    time_unit: float = 1.0
+
+    def __post_init__(self):
+        for name in ("time_unit", "dt0"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"model.{name} must be positive, found {value}.")
 
 
 @dataclasses.dataclass

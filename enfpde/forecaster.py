@@ -254,7 +254,7 @@ class Forecaster:
             chunk = np.where(chunk < num_states, chunk, start)
             out = self._predict_normalized(
                 self._state, coords_internal, jnp.asarray(normalized[chunk]), jnp.asarray(mask[chunk]),
-                jnp.asarray(times, jnp.float32), query_internal,
+                jnp.asarray(times / self.config.model.time_unit, jnp.float32), query_internal,
             )
             outputs.append(np.asarray(out)[: num_states - start])
         return self.normalizer.denormalize(np.concatenate(outputs, axis=0)).astype(np.float32)

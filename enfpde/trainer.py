@@ -161,7 +161,7 @@ class Trainer:
         self.has_missing = not bool(self.train_data.mask[:, :horizon].all())
         self.schedule = Schedule(self.sampler.steps_per_epoch, (tc.stage1.epochs, tc.stage2.epochs, tc.joint.epochs))
         times = self.train_data.times[:horizon]
-        self.times = jnp.asarray(times - times[0], jnp.float32)
+        self.times = jnp.asarray((times - times[0]) / config.model.time_unit, jnp.float32)
         self.mesh = Mesh(np.asarray(self.devices), ("batch",))
         self._build_steps()
         self._prepare_run_dir(overwrite)
