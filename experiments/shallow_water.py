@@ -13,6 +13,8 @@ experiments/results/shallow_water_<preset>.md), refusing to replace an existing 
 """
 
 import argparse
+import os
+import platform
 from pathlib import Path
 
 from enfpde.config import load_config
@@ -31,6 +33,13 @@ Paper (ENF-PDE, shallow water, MSE in the reference's units; 512 train / 128 tes
 | DINo (zero-shot 2x) | 3.03e-04 | 2.03e-03 | 3.37e-04 | 2.03e-03 |
 | ENF axial (zero-shot 2x) | 1.58e-04 | 1.96e-03 | 1.61e-04 | 1.93e-03 |
 """
+
+
+def machine_line() -> str:
+    import jax
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform}; Python {platform.python_version()}, jax {jax.__version__}"
 
 
 def main() -> None:
@@ -63,6 +72,7 @@ def main() -> None:
         runs, title=f"Shallow water on the sphere, preset `{args.preset}`", paper_table=PAPER_TABLE
     )
     report += f"\nCommand: `{command}`. Errors in the reference's units (eval.variable_scales).\n"
+    report += f"Machine: {machine_line()}.\n"
     table.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(table, report)
     print(report)

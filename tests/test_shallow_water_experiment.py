@@ -151,3 +151,22 @@ def test_forecast_commutes_with_longitude_rotations_of_the_latent_arrangement(ru
     # symmetry, gives errors orders of magnitude larger.
     assert _rotation_error(runs["axial_sphere"], data_dir, 1) > 1e-3
     assert _rotation_error(runs["absolute_sphere"], data_dir, cells) > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["quick", "paper", "shallow_water_quick", "shallow_water_paper"])
+def test_presets_load_and_shallow_water_presets_match_their_data(preset):
+    from enfpde.config import REPOSITORY_ROOT
+    from enfpde.data.shallow_water import load_config as load_dataset_config
+
+    config = load_config(preset)
+    if not preset.startswith("shallow_water"):
+        return
+    dataset = load_dataset_config(REPOSITORY_ROOT / config.dataset)
+    hours_per_frame = dataset.steps_per_snapshot * dataset.solver_dt / 3600.0
+    assert config.model.time_unit == pytest.approx(hours_per_frame)
+    assert config.data.train.startswith(dataset.output_dir) and config.data.test_native.endswith("test_native.nc")
+    radius = 6.37122e6
+    assert config.eval.variable_scales == pytest.approx({"height": 1 / radius, "u": 3600 / radius, "v": 3600 / radius})
+    # The rotations of the end-to-end test exist for the preset's arrangement on the 3.75 degree grid.
+    symmetry = AxialSphere().arrangement_symmetry_deg(config.model.num_latents)
+    assert symmetry / 3.75 == pytest.approx(round(symmetry / 3.75))
