@@ -7,7 +7,6 @@ and checks ``f(g x; g z) = f(x; z)`` (equivalently ``f(g^-1 x; z) = f(x; g z)``)
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
