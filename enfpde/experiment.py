@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,58 @@ EVAL_DIR = "eval"
 
 def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / config.name
+
+
+def _variable_scales(config: RunConfig, variables: Sequence[str]) -> list[float] | None:
+    scales = config.eval.variable_scales
+    if not scales:
+        return None
+    unknown = sorted(set(scales) - set(variables))
+    missing = [v for v in variables if v not in scales]
+    if unknown or missing:
+        raise ValueError(
+            f"eval.variable_scales must give a factor for each of the variables {list(variables)}; "
+            f"unknown {unknown}, missing {missing}."
+        )
+    return [float(scales[v]) for v in variables]
+
+
+def evaluate_protocol(
+    forecaster, config: RunConfig, *, name: str, horizon_time: float, progress: bool = True
+) -> dict[str, dict]:
+    """The evaluation protocol of a run's config for any forecaster (ENF or baseline): the test split with every
+    setting the config enables (standard, ``test_fine`` dtau, sparse fractions, shifted, ``test_native``
+    zero-shot) and the train split (standard, its first ``test.num_frames`` frames) when
+    ``eval.train_split``; latitude weighting on latitude grids; ``eval.variable_scales``.
+
+    Returns:
+        ``{"test": results, "train": results}`` as :func:`enfpde.evaluation.evaluate` returns them.
+    """
+    d, ec = config.data, config.eval
+    variables = list(forecaster.variables)
+    test = TrajectoryDataset.open(d.test, variables)
+    fine = TrajectoryDataset.open(d.test_fine, variables) if d.test_fine else None
+    native = TrajectoryDataset.open(d.test_native, variables) if d.test_native else None
+    common = dict(
+        horizon_time=float(horizon_time),
+        periodic_axes=tuple(d.periodic_axes) or None,
+        latitude_weighted="latitude" in test.axes,
+        variable_scales=_variable_scales(config, variables),
+        seed=ec.seed,
+        batch_size=ec.batch_size,
+        progress=progress,
+        name=name,
+    )
+    results = {
+        "test": evaluate(
+            forecaster, test, fine=fine, native=native, sparse_fractions=tuple(ec.sparse_fractions), shift=ec.shift,
+            **common,
+        )
+    }
+    if ec.train_split:
+        train = TrajectoryDataset.open(d.train, variables).select(frames=slice(0, test.num_frames))
+        results["train"] = evaluate(forecaster, train, sparse_fractions=(), shift=False, **common)
+    return results
 
 
 def evaluate_run(
@@ -58,40 +111,8 @@ def evaluate_run(
     if existing and not overwrite:
         raise FileExistsError(f"evaluation output exists ({', '.join(existing)}); pass --overwrite to replace it.")
 
-    variables = list(model.variables)
-    test = TrajectoryDataset.open(config.data.test, variables)
-    fine = TrajectoryDataset.open(config.data.test_fine, variables) if config.data.test_fine else None
-    native = TrajectoryDataset.open(config.data.test_native, variables) if config.data.test_native else None
-    ec = config.eval
-    scales = None
-    if ec.variable_scales:
-        unknown = sorted(set(ec.variable_scales) - set(variables))
-        missing = [v for v in variables if v not in ec.variable_scales]
-        if unknown or missing:
-            raise ValueError(
-                f"eval.variable_scales must give a factor for each of the model's variables {variables}; "
-                f"unknown {unknown}, missing {missing}."
-            )
-        scales = [float(ec.variable_scales[v]) for v in variables]
-    common = dict(
-        horizon_time=meta["horizon_time"],
-        periodic_axes=tuple(config.data.periodic_axes) or None,
-        latitude_weighted="latitude" in test.axes,
-        variable_scales=scales,
-        seed=ec.seed,
-        batch_size=ec.batch_size,
-        progress=progress,
-        name="ENF",
-    )
     start = time.perf_counter()
-    results = {
-        "test": evaluate(
-            model, test, fine=fine, native=native, sparse_fractions=tuple(ec.sparse_fractions), shift=ec.shift, **common
-        )
-    }
-    if ec.train_split:
-        train = TrajectoryDataset.open(config.data.train, variables).select(frames=slice(0, test.num_frames))
-        results["train"] = evaluate(model, train, sparse_fractions=(), shift=False, **common)
+    results = evaluate_protocol(model, config, name="ENF", horizon_time=meta["horizon_time"], progress=progress)
     elapsed = time.perf_counter() - start
     sections = [f"# Evaluation of `{run_dir}` (checkpoint step {model.step})\n"]
     for split, result in results.items():
@@ -100,7 +121,9 @@ def evaluate_run(
         sections.append(render_markdown(result, title=f"{split} split"))
     sections.append(f"Evaluation took {elapsed:.1f} s.\n")
     if figures:
-        sections.append(_figures(model, test, fine, native, results["test"], out, meta, overwrite))
+        d, variables = config.data, list(model.variables)
+        splits = [TrajectoryDataset.open(p, variables) if p else None for p in (d.test, d.test_fine, d.test_native)]
+        sections.append(_figures(model, *splits, results["test"], out, meta, overwrite))
     write_text_atomic(report_path, "\n".join(sections))
     return report_path
 

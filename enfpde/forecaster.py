@@ -3,7 +3,8 @@
 
 :func:`forecast_fields` works on arrays inside traced code; :class:`Forecaster` is the user-facing model
 loaded from a run directory, with ``predict`` on NumPy arrays in raw units (the protocol the evaluation
-harness uses) and ``forecast`` on xarray Datasets.
+harness uses) and ``forecast`` on xarray Datasets. :class:`XarrayForecast` is that xarray interface on its
+own, shared with the baselines' forecasters (:mod:`enfpde.baselines`).
 """
 
 from __future__ import annotations
@@ -145,7 +146,189 @@ def build_modules(
 # The user-facing forecaster
 # ---------------------------------------------------------------------------------------------------------
 
-class Forecaster:
+class XarrayForecast:
+    """The xarray interface of a forecaster: :meth:`forecast` on an ``xr.Dataset``, built on the array method
+    ``predict(coords, initial_values, times, query_coords) -> [B, T, Q, C]`` (raw units).
+
+    A class mixing it in provides ``predict`` and the data's metadata as attributes: ``variables`` and
+    ``units`` (one per channel), ``axes`` (the user coordinate axes, e.g. ``("y", "x")`` or
+    ``("latitude", "longitude")``) and ``time_units``. :class:`Forecaster` and the baselines
+    (:mod:`enfpde.baselines`) share it, so the same Dataset gives the same checks, errors and output layout
+    whichever model answers; :meth:`_forecast_attrs` names the model in the output's attributes.
+    """
+
+    variables: tuple[str, ...]
+    units: tuple[str, ...]
+    axes: tuple[str, ...]
+    time_units: str
+
+    def _forecast_attrs(self) -> dict:
+        """Global attributes of the forecast Dataset besides the CF convention (override to name the model)."""
+        return {"source": f"enfpde {type(self).__name__}"}
+
+    def forecast(
+        self,
+        initial_state: xr.Dataset,
+        times,
+        at: xr.Dataset | Mapping | None = None,
+        *,
+        variables: Sequence[str] | None = None,
+    ) -> xr.Dataset:
+        """Forecast an ``xr.Dataset`` of initial states.
+
+        Args:
+            initial_state: the model's variables with dimensions ``([trajectory,] *space)`` (a ``time``
+                dimension of size 1 is allowed and gives the initial time), where ``space`` is the grid
+                ``{axes}`` or ``(point,)`` with coordinate variables per axis. An optional boolean ``mask``
+                variable marks observed points; NaNs are allowed only where it is False.
+            times: lead times from the initial state, increasing, >= 0, in the model's time units.
+            at: where to decode: None (the input points), a mapping or Dataset with 1-D coordinates per axis
+                (a grid, any resolution), or coordinates on a ``point`` dimension (scattered points).
+            variables: which variables to return (default all).
+
+        Returns:
+            ``xr.Dataset`` with dims ``(trajectory, time, *space)``, ``time`` the initial time plus the lead
+            time and ``lead_time`` the lead time.
+        """
+        variables = self._check_variables(variables)
+        ds = self._squeeze_time(initial_state)
+        coords, values, mask_var = self._observations(ds)
+        times = np.asarray(times, np.float64).reshape(-1)
+        query, out_space_dims, out_space_shape, out_coords = self._query(ds, at)
+        n = values.shape[0]
+        if mask_var is not None:
+            values = np.where(mask_var[..., None], values, np.nan)
+        prediction = self.predict(coords, values, times, query)  # [B, T, Q, C]
+        data_vars = {}
+        for c, name in enumerate(self.variables):
+            if name in variables:
+                data = prediction[..., c].reshape((n, times.size, *out_space_shape))
+                attrs = dict(initial_state[name].attrs)
+                attrs.setdefault("units", self.units[c])
+                data_vars[name] = ((TRAJECTORY_DIM, TIME_DIM, *out_space_dims), data, attrs)
+        out_coords = dict(out_coords)
+        if TRAJECTORY_DIM in ds.coords and ds[TRAJECTORY_DIM].ndim == 1:
+            out_coords[TRAJECTORY_DIM] = ((TRAJECTORY_DIM,), ds[TRAJECTORY_DIM].values)
+        lead_units = self.time_units.split(" since ")[0]  # a duration: "hours since 2020-01-01" -> "hours"
+        out_coords["lead_time"] = ((TIME_DIM,), times, {"units": lead_units, "long_name": "time since the initial state"})
+        time_attrs = dict(initial_state[TIME_DIM].attrs) if TIME_DIM in initial_state.coords else {"units": self.time_units}
+        out_coords[TIME_DIM] = ((TIME_DIM,), self._valid_times(initial_state, times), time_attrs)
+        attrs = {"Conventions": "CF-1.10", **self._forecast_attrs()}
+        return xr.Dataset(data_vars, coords=out_coords, attrs=attrs)
+
+    def _check_variables(self, variables):
+        if variables is None:
+            return self.variables
+        unknown = [v for v in variables if v not in self.variables]
+        if unknown:
+            raise KeyError(f"unknown variable(s) {unknown}: the model forecasts {list(self.variables)}.")
+        return tuple(variables)
+
+    def _squeeze_time(self, ds: xr.Dataset) -> xr.Dataset:
+        if not isinstance(ds, xr.Dataset):
+            raise TypeError(f"initial_state must be an xarray.Dataset, found {type(ds).__name__}.")
+        if TIME_DIM in ds.dims:
+            if ds.sizes[TIME_DIM] != 1:
+                raise ValueError(
+                    f"initial_state has {ds.sizes[TIME_DIM]} times; a forecast starts from one state per trajectory: "
+                    f"select it, e.g. ds.isel(time=[0])."
+                )
+            ds = ds.isel({TIME_DIM: 0})
+        return ds
+
+    def _space_layout(self, ds, dims: tuple[str, ...], what: str):
+        if dims == tuple(self.axes):
+            return "grid"
+        if dims == (POINT_DIM,):
+            missing = [a for a in self.axes if a not in ds.variables]
+            if missing:
+                raise ValueError(f"{what}: scattered points need coordinate variables {list(self.axes)} on '{POINT_DIM}'; missing {missing}.")
+            return "points"
+        raise ValueError(
+            f"{what}: spatial dimensions {list(dims)} do not match the model's grid {list(self.axes)} "
+            f"or scattered points ['{POINT_DIM}']."
+        )
+
+    def _observations(self, ds: xr.Dataset):
+        missing = [v for v in self.variables if v not in ds.data_vars]
+        if missing:
+            raise KeyError(
+                f"initial_state lacks variable(s) {missing} the model was trained on; found {sorted(map(str, ds.data_vars))}."
+            )
+        first = ds[self.variables[0]]
+        lead = (TRAJECTORY_DIM,) if TRAJECTORY_DIM in first.dims else ()
+        if first.dims[: len(lead)] != lead:
+            raise ValueError(f"'{TRAJECTORY_DIM}' must be the first dimension of the variables, found {first.dims}.")
+        space = first.dims[len(lead):]
+        self._space_layout(ds, space, "initial_state")
+        for v in self.variables:
+            if ds[v].dims != first.dims:
+                raise ValueError(f"variable '{v}' has dimensions {ds[v].dims}, expected {first.dims} like '{self.variables[0]}'.")
+        if space == tuple(self.axes):
+            coords = grid_points([ds[a].values for a in self.axes])
+        else:
+            coords = np.stack([ds[a].values for a in self.axes], axis=-1)
+        values = np.stack([ds[v].values.astype(np.float32) for v in self.variables], axis=-1)
+        if not lead:
+            values = values[None]
+        values = values.reshape(values.shape[0], -1, len(self.variables))
+        mask = None
+        if "mask" in ds.data_vars:
+            mask_da = ds["mask"]
+            if mask_da.dtype != bool:
+                raise ValueError(f"'mask' must be boolean (True = observed), found dtype {mask_da.dtype}.")
+            mask = np.broadcast_to(mask_da.broadcast_like(first).values, first.shape).reshape(values.shape[:2])
+        observed = np.ones(values.shape[:2], bool) if mask is None else mask
+        bad = ~np.isfinite(values).all(-1) & observed
+        if bad.any():
+            raise ValueError(
+                f"initial_state has {int(bad.sum())} non-finite value(s) at observed points"
+                + (" (where 'mask' is True)" if mask is not None else "")
+                + ": add a boolean 'mask' variable that is False at missing points, or drop them."
+            )
+        return coords, values, mask
+
+    def _query(self, ds: xr.Dataset, at):
+        """Query coordinates [Q, D], output spatial dims, shape and coordinate variables."""
+        if at is None:
+            first = ds[self.variables[0]]
+            space = first.dims[1:] if TRAJECTORY_DIM in first.dims else first.dims
+            values = [np.asarray(ds[a].values) for a in self.axes]
+        else:
+            if not isinstance(at, (xr.Dataset, xr.DataArray, xr.Coordinates, Mapping)):
+                raise TypeError(f"'at' must be None, a mapping of coordinates or an xarray Dataset, found {type(at).__name__}.")
+            missing = [a for a in self.axes if a not in at]
+            if missing:
+                raise KeyError(f"'at' lacks coordinate(s) {missing}; expected {list(self.axes)}.")
+            arrays = [at[a] if isinstance(at[a], xr.DataArray) else xr.DataArray(np.asarray(at[a])) for a in self.axes]
+            if all(array.dims == (POINT_DIM,) for array in arrays):
+                space = (POINT_DIM,)
+            elif all(array.ndim == 1 for array in arrays):
+                space = tuple(self.axes)
+            else:
+                raise ValueError(f"'at': coordinates must be 1-D per grid axis {list(self.axes)} or all on '{POINT_DIM}'.")
+            values = [np.asarray(array.values) for array in arrays]
+        if space == tuple(self.axes):
+            coords = {a: ((a,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, values)}
+            return grid_points(values), space, tuple(v.size for v in values), coords
+        coords = {a: ((POINT_DIM,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, values)}
+        return np.stack(values, axis=-1), space, (values[0].size,), coords
+
+    def _valid_times(self, ds: xr.Dataset, lead: np.ndarray):
+        if TIME_DIM in ds.coords and ds[TIME_DIM].size == 1:
+            t0 = ds[TIME_DIM].values.reshape(-1)[0]
+            if np.issubdtype(np.asarray(t0).dtype, np.datetime64):
+                if not self.time_units.startswith("hours since"):
+                    raise ValueError(
+                        f"the initial time is a date ({t0}) but the model was trained with times in "
+                        f"'{self.time_units}', not dates: give a numeric initial time or none."
+                    )
+                return t0 + (lead * 3600.0).astype("timedelta64[s]")
+            return float(t0) + lead
+        return lead
+
+
+class Forecaster(XarrayForecast):
     """A trained ENF forecaster: encoder + dynamics + decoder with the data's normalisation and metadata.
 
     Load one with :meth:`load`. All inputs and outputs are in the data's raw units; coordinates are user
@@ -259,168 +442,8 @@ class Forecaster:
             outputs.append(np.asarray(out)[: num_states - start])
         return self.normalizer.denormalize(np.concatenate(outputs, axis=0)).astype(np.float32)
 
-    # -- xarray ------------------------------------------------------------------------------------------
-
-    def forecast(
-        self,
-        initial_state: xr.Dataset,
-        times,
-        at: xr.Dataset | Mapping | None = None,
-        *,
-        variables: Sequence[str] | None = None,
-    ) -> xr.Dataset:
-        """Forecast an ``xr.Dataset`` of initial states.
-
-        Args:
-            initial_state: the model's variables with dimensions ``([trajectory,] *space)`` (a ``time``
-                dimension of size 1 is allowed and gives the initial time), where ``space`` is the grid
-                ``{axes}`` or ``(point,)`` with coordinate variables per axis. An optional boolean ``mask``
-                variable marks observed points; NaNs are allowed only where it is False.
-            times: lead times from the initial state, increasing, >= 0, in the model's time units.
-            at: where to decode: None (the input points), a mapping or Dataset with 1-D coordinates per axis
-                (a grid, any resolution), or coordinates on a ``point`` dimension (scattered points).
-            variables: which variables to return (default all).
-
-        Returns:
-            ``xr.Dataset`` with dims ``(trajectory, time, *space)``, ``time`` the initial time plus the lead
-            time and ``lead_time`` the lead time.
-        """
-        variables = self._check_variables(variables)
-        ds = self._squeeze_time(initial_state)
-        coords, values, mask_var = self._observations(ds)
-        times = np.asarray(times, np.float64).reshape(-1)
-        query, out_space_dims, out_space_shape, out_coords = self._query(ds, at)
-        n = values.shape[0]
-        if mask_var is not None:
-            values = np.where(mask_var[..., None], values, np.nan)
-        prediction = self.predict(coords, values, times, query)  # [B, T, Q, C]
-        data_vars = {}
-        for c, name in enumerate(self.variables):
-            if name in variables:
-                data = prediction[..., c].reshape((n, times.size, *out_space_shape))
-                attrs = dict(initial_state[name].attrs)
-                attrs.setdefault("units", self.units[c])
-                data_vars[name] = ((TRAJECTORY_DIM, TIME_DIM, *out_space_dims), data, attrs)
-        out_coords = dict(out_coords)
-        if TRAJECTORY_DIM in ds.coords and ds[TRAJECTORY_DIM].ndim == 1:
-            out_coords[TRAJECTORY_DIM] = ((TRAJECTORY_DIM,), ds[TRAJECTORY_DIM].values)
-        lead_units = self.time_units.split(" since ")[0]  # a duration: "hours since 2020-01-01" -> "hours"
-        out_coords["lead_time"] = ((TIME_DIM,), times, {"units": lead_units, "long_name": "time since the initial state"})
-        time_attrs = dict(initial_state[TIME_DIM].attrs) if TIME_DIM in initial_state.coords else {"units": self.time_units}
-        out_coords[TIME_DIM] = ((TIME_DIM,), self._valid_times(initial_state, times), time_attrs)
-        attrs = {"Conventions": "CF-1.10", "source": "enfpde Forecaster", "model_step": int(getattr(self, "step", -1))}
-        return xr.Dataset(data_vars, coords=out_coords, attrs=attrs)
-
-    def _check_variables(self, variables):
-        if variables is None:
-            return self.variables
-        unknown = [v for v in variables if v not in self.variables]
-        if unknown:
-            raise KeyError(f"unknown variable(s) {unknown}: the model forecasts {list(self.variables)}.")
-        return tuple(variables)
-
-    def _squeeze_time(self, ds: xr.Dataset) -> xr.Dataset:
-        if not isinstance(ds, xr.Dataset):
-            raise TypeError(f"initial_state must be an xarray.Dataset, found {type(ds).__name__}.")
-        if TIME_DIM in ds.dims:
-            if ds.sizes[TIME_DIM] != 1:
-                raise ValueError(
-                    f"initial_state has {ds.sizes[TIME_DIM]} times; a forecast starts from one state per trajectory: "
-                    f"select it, e.g. ds.isel(time=[0])."
-                )
-            ds = ds.isel({TIME_DIM: 0})
-        return ds
-
-    def _space_layout(self, ds, dims: tuple[str, ...], what: str):
-        if dims == tuple(self.axes):
-            return "grid"
-        if dims == (POINT_DIM,):
-            missing = [a for a in self.axes if a not in ds.variables]
-            if missing:
-                raise ValueError(f"{what}: scattered points need coordinate variables {list(self.axes)} on '{POINT_DIM}'; missing {missing}.")
-            return "points"
-        raise ValueError(
-            f"{what}: spatial dimensions {list(dims)} do not match the model's grid {list(self.axes)} "
-            f"or scattered points ['{POINT_DIM}']."
-        )
-
-    def _observations(self, ds: xr.Dataset):
-        missing = [v for v in self.variables if v not in ds.data_vars]
-        if missing:
-            raise KeyError(
-                f"initial_state lacks variable(s) {missing} the model was trained on; found {sorted(map(str, ds.data_vars))}."
-            )
-        first = ds[self.variables[0]]
-        lead = (TRAJECTORY_DIM,) if TRAJECTORY_DIM in first.dims else ()
-        if first.dims[: len(lead)] != lead:
-            raise ValueError(f"'{TRAJECTORY_DIM}' must be the first dimension of the variables, found {first.dims}.")
-        space = first.dims[len(lead):]
-        self._space_layout(ds, space, "initial_state")
-        for v in self.variables:
-            if ds[v].dims != first.dims:
-                raise ValueError(f"variable '{v}' has dimensions {ds[v].dims}, expected {first.dims} like '{self.variables[0]}'.")
-        if space == tuple(self.axes):
-            coords = grid_points([ds[a].values for a in self.axes])
-        else:
-            coords = np.stack([ds[a].values for a in self.axes], axis=-1)
-        values = np.stack([ds[v].values.astype(np.float32) for v in self.variables], axis=-1)
-        if not lead:
-            values = values[None]
-        values = values.reshape(values.shape[0], -1, len(self.variables))
-        mask = None
-        if "mask" in ds.data_vars:
-            mask_da = ds["mask"]
-            if mask_da.dtype != bool:
-                raise ValueError(f"'mask' must be boolean (True = observed), found dtype {mask_da.dtype}.")
-            mask = np.broadcast_to(mask_da.broadcast_like(first).values, first.shape).reshape(values.shape[:2])
-        observed = np.ones(values.shape[:2], bool) if mask is None else mask
-        bad = ~np.isfinite(values).all(-1) & observed
-        if bad.any():
-            raise ValueError(
-                f"initial_state has {int(bad.sum())} non-finite value(s) at observed points"
-                + (" (where 'mask' is True)" if mask is not None else "")
-                + ": add a boolean 'mask' variable that is False at missing points, or drop them."
-            )
-        return coords, values, mask
-
-    def _query(self, ds: xr.Dataset, at):
-        """Query coordinates [Q, D], output spatial dims, shape and coordinate variables."""
-        if at is None:
-            first = ds[self.variables[0]]
-            space = first.dims[1:] if TRAJECTORY_DIM in first.dims else first.dims
-            values = [np.asarray(ds[a].values) for a in self.axes]
-        else:
-            if not isinstance(at, (xr.Dataset, xr.DataArray, xr.Coordinates, Mapping)):
-                raise TypeError(f"'at' must be None, a mapping of coordinates or an xarray Dataset, found {type(at).__name__}.")
-            missing = [a for a in self.axes if a not in at]
-            if missing:
-                raise KeyError(f"'at' lacks coordinate(s) {missing}; expected {list(self.axes)}.")
-            arrays = [at[a] if isinstance(at[a], xr.DataArray) else xr.DataArray(np.asarray(at[a])) for a in self.axes]
-            if all(array.dims == (POINT_DIM,) for array in arrays):
-                space = (POINT_DIM,)
-            elif all(array.ndim == 1 for array in arrays):
-                space = tuple(self.axes)
-            else:
-                raise ValueError(f"'at': coordinates must be 1-D per grid axis {list(self.axes)} or all on '{POINT_DIM}'.")
-            values = [np.asarray(array.values) for array in arrays]
-        if space == tuple(self.axes):
-            coords = {a: ((a,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, values)}
-            return grid_points(values), space, tuple(v.size for v in values), coords
-        coords = {a: ((POINT_DIM,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, values)}
-        return np.stack(values, axis=-1), space, (values[0].size,), coords
-
-    def _valid_times(self, ds: xr.Dataset, lead: np.ndarray):
-        if TIME_DIM in ds.coords and ds[TIME_DIM].size == 1:
-            t0 = ds[TIME_DIM].values.reshape(-1)[0]
-            if np.issubdtype(np.asarray(t0).dtype, np.datetime64):
-                if not self.time_units.startswith("hours since"):
-                    raise ValueError(
-                        f"the initial time is a date ({t0}) but the model was trained with times in "
-                        f"'{self.time_units}', not dates: give a numeric initial time or none."
-                    )
-                return t0 + (lead * 3600.0).astype("timedelta64[s]")
-            return float(t0) + lead
-        return lead
+    def _forecast_attrs(self) -> dict:
+        return {"source": "enfpde Forecaster", "model_step": int(getattr(self, "step", -1))}
 
 
 def _axis_attrs(ds: xr.Dataset, axis: str) -> dict:

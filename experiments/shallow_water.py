@@ -13,10 +13,9 @@ experiments/results/shallow_water_<preset>.md), refusing to replace an existing 
 """
 
 import argparse
-import os
-import platform
 from pathlib import Path
 
+from enfpde.benchmark import machine_line
 from enfpde.config import load_config
 from enfpde.evaluation import check_writable, write_text_atomic
 from enfpde.experiment import comparison_markdown, run_experiment
@@ -33,13 +32,6 @@ Paper (ENF-PDE, shallow water, MSE in the reference's units; 512 train / 128 tes
 | DINo (zero-shot 2x) | 3.03e-04 | 2.03e-03 | 3.37e-04 | 2.03e-03 |
 | ENF axial (zero-shot 2x) | 1.58e-04 | 1.96e-03 | 1.61e-04 | 1.93e-03 |
 """
-
-
-def machine_line() -> str:
-    import jax
-
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform}; Python {platform.python_version()}, jax {jax.__version__}"
 
 
 def main() -> None:

@@ -449,3 +449,38 @@ def test_sphere_forecasters_run_on_latitude_longitude_grids():
     assert out.shape == (2, 2, 3, 2) and np.all(np.isfinite(out))
     with pytest.raises(ValueError, match="latitude must lie in"):
         forecaster.predict(coords, values, [0.0], query[:, ::-1] + [0.0, 100.0])
+
+
+@pytest.mark.parametrize("name", ["fno", "dino"])
+def test_forecast_on_xarray_equals_predict(models, name):
+    """The xarray interface shared with the ENF forecaster (XarrayForecast): a Dataset in, the same numbers
+    as predict out, with the output layout, the units and the same input errors."""
+    import xarray as xr
+
+    model = models[name]
+    ds = advected_waves_dataset(3, 6, 8, seed=1)
+    initial = ds.isel(time=[0])
+    times = np.array([0.0, 1.0, 2.5, 5.0])
+    data = TrajectoryDataset.from_xarray(ds)
+    fine_axis = np.linspace(0.0, 1.0, 12, endpoint=False)
+
+    out = model.forecast(initial, times)
+    assert out.u.dims == ("trajectory", "time", "y", "x") and out.u.shape == (3, 4, 8, 8)
+    expected = model.predict(data.coords, data.values[:, 0], times, data.coords)
+    np.testing.assert_allclose(out.u.values.reshape(3, 4, -1), expected[..., 0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.lead_time.values, times)
+    assert out.attrs["source"] == f"enfpde {'FNO' if name == 'fno' else 'DINo'} baseline"
+
+    fine = model.forecast(initial, times, at={"y": fine_axis, "x": fine_axis}, variables=["u"])
+    query = grid_points([fine_axis, fine_axis])
+    np.testing.assert_allclose(
+        fine.u.values.reshape(3, 4, -1), model.predict(data.coords, data.values[:, 0], times, query)[..., 0],
+        rtol=1e-6, atol=1e-6,
+    )
+    with pytest.raises(KeyError, match=r"unknown variable\(s\) \['w'\]"):
+        model.forecast(initial, times, variables=["w"])
+    with pytest.raises(ValueError, match="initial_state has 6 times"):
+        model.forecast(ds, times)
+    with pytest.raises(ValueError, match="do not match the model's grid"):
+        model.forecast(initial.rename({"y": "lat"}), times)
+    assert isinstance(out, xr.Dataset)

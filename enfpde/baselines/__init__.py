@@ -3,8 +3,9 @@
 
 Both train on a :class:`~enfpde.data.trajectories.TrajectoryDataset` with ``fno.train`` / ``dino.train`` and
 return a forecaster with ``predict(coords, initial_values, times, query_coords)`` in raw units (the
-:class:`~enfpde.evaluation.ArrayForecaster` protocol), ``save(path)`` / ``load(path)`` and
-``num_parameters``.
+:class:`~enfpde.evaluation.ArrayForecaster` protocol), ``forecast(ds, times, at, variables)`` on xarray
+Datasets (:class:`~enfpde.forecaster.XarrayForecast`, the interface of the ENF forecaster), ``save(path)`` /
+``load(path)`` and ``num_parameters``.
 """
 
 from enfpde.baselines import dino, fno

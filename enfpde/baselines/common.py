@@ -72,6 +72,11 @@ class Domain(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def axes(self) -> tuple[str, str]:
+        """Names of the two user coordinate axes (the dataset's ``axes``)."""
+
+    @property
+    @abc.abstractmethod
     def input_dim(self) -> int:
         """Dimension of :meth:`field_inputs`."""
 
@@ -121,6 +126,7 @@ class TorusDomain(Domain):
         internal = np.asarray(Torus(self.periods_yx).coords_from_user(coords))
         return (internal / np.asarray(self.periods_yx, np.float32)).astype(np.float32)
 
+    axes = ("y", "x")
     input_dim = 2
     num_grid_features = 4
 
@@ -158,6 +164,7 @@ class SphereDomain(Domain):
     def field_inputs(self, coords):
         return np.asarray(Sphere().coords_from_user(coords), np.float32)
 
+    axes = ("latitude", "longitude")
     input_dim = 3
     num_grid_features = 3
 

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from enfpde.baselines import common
 from enfpde.baselines.common import Domain
 from enfpde.data.trajectories import BatchSampler, Normalizer, TrajectoryDataset
+from enfpde.forecaster import XarrayForecast
 
 __all__ = [
     "RK4",
@@ -333,9 +334,10 @@ def _decode(graphdef, state, inputs, codes):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class DINoForecaster:
+class DINoForecaster(XarrayForecast):
     """A trained DINo with its domain, normalisation and time step; an
-    :class:`~enfpde.evaluation.ArrayForecaster` in raw units.
+    :class:`~enfpde.evaluation.ArrayForecaster` in raw units, and ``forecast`` on xarray Datasets
+    (:class:`~enfpde.forecaster.XarrayForecast`, as the ENF :class:`~enfpde.forecaster.Forecaster`).
 
     Args:
         decoder, dynamics: the trained modules; config: their sizes; domain: the data's domain.
@@ -376,6 +378,14 @@ class DINoForecaster:
         self.training_log = training_log or {}
         self._decoder_graphdef, self._decoder_state = nnx.split(decoder)
         self._dynamics_graphdef, self._dynamics_state = nnx.split(dynamics)
+
+    @property
+    def axes(self) -> tuple[str, str]:
+        """The user coordinate axes, ``("y", "x")`` on the torus or ``("latitude", "longitude")`` on the sphere."""
+        return self.domain.axes
+
+    def _forecast_attrs(self) -> dict:
+        return {"source": "enfpde DINo baseline"}
 
     @property
     def num_parameters(self) -> int:

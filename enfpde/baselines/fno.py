@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from enfpde.baselines import common
 from enfpde.baselines.common import Grid
 from enfpde.data.trajectories import BatchSampler, Normalizer, TrajectoryDataset
+from enfpde.forecaster import XarrayForecast
 
 __all__ = ["FNO", "FNOConfig", "FNOForecaster", "FNOTrainConfig", "SpectralConv2d", "rollout", "train"]
 
@@ -264,9 +265,10 @@ def _forecast_frames(graphdef, state, frame0, features, num_steps):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class FNOForecaster:
+class FNOForecaster(XarrayForecast):
     """A trained FNO with its grid, normalisation and time step; an
-    :class:`~enfpde.evaluation.ArrayForecaster` in raw units.
+    :class:`~enfpde.evaluation.ArrayForecaster` in raw units, and ``forecast`` on xarray Datasets
+    (:class:`~enfpde.forecaster.XarrayForecast`, as the ENF :class:`~enfpde.forecaster.Forecaster`).
 
     Args:
         model: the trained :class:`FNO`; config: its sizes; grid: the training grid.
@@ -306,6 +308,14 @@ class FNOForecaster:
         self.training_log = training_log or {}
         self._graphdef, self._state = nnx.split(model)
         self._features = jnp.asarray(grid.features()) if config.coordinate_features else None
+
+    @property
+    def axes(self) -> tuple[str, str]:
+        """The user coordinate axes, ``("y", "x")`` on the torus or ``("latitude", "longitude")`` on the sphere."""
+        return self.grid.domain.axes
+
+    def _forecast_attrs(self) -> dict:
+        return {"source": "enfpde FNO baseline"}
 
     @property
     def num_parameters(self) -> int:
