@@ -40,7 +40,7 @@ from enfpde.baselines.common import num_parameters as _count_parameters
 from enfpde.config import PRESET_DIR, ConfigError, RunConfig, load_config, to_yaml
 from enfpde.data.trajectories import TrajectoryDataset, save_json_atomic
 from enfpde.evaluation import check_writable, write_report, write_text_atomic
-from enfpde.experiment import evaluate_protocol
+from enfpde.experiment import evaluate_protocol, mse_tables
 
 __all__ = [
     "BASELINE_PRESET_DIR",
@@ -261,14 +261,6 @@ def machine_line() -> str:
     )
 
 
-def _pair(settings: dict | None, key: str, who: str, kind: str | None, sep: str = " | ") -> str:
-    entry = (settings or {}).get(key)
-    values = None if entry is None else (entry[who] if kind is None else entry[who].get(kind))
-    if values is None:
-        return sep.join(["—", "—"])
-    return sep.join("—" if values[p] is None else f"{values[p]:.2e}" for p in ("t_in", "t_out"))
-
-
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -284,34 +276,11 @@ def benchmark_markdown(rows: dict[str, dict], *, title: str, command: str | None
     """
     if not rows:
         raise ValueError("benchmark_markdown needs at least one evaluated model.")
-    first = next(iter(rows.values()))["results"]
-    first_test, first_train = first["test"]["settings"], first.get("train", {}).get("settings")
-    kinds = [(None, "Plain MSE")]
-    if "lat_weighted" in first_test["standard"]["model"]:
-        kinds.append(("lat_weighted", "Latitude-weighted MSE (cos latitude, mean weight 1)"))
-    lines = [f"# {title}", ""]
-    for kind, heading in kinds:
-        lines += [f"## {heading}", "", "| model | t_in train | t_out train | t_in test | t_out test |", "|---|---|---|---|---|"]
-        for label, row in rows.items():
-            test, train = row["results"]["test"]["settings"], row["results"].get("train", {}).get("settings")
-            lines.append(f"| {label} | {_pair(train, 'standard', 'model', kind)} | {_pair(test, 'standard', 'model', kind)} |")
-            if "zero_shot" in test:
-                lines.append(f"| {label}, {test['zero_shot']['label']} | — | — | {_pair(test, 'zero_shot', 'model', kind)} |")
-        lines.append(f"| persistence | {_pair(first_train, 'standard', 'persistence', kind)} | "
-                     f"{_pair(first_test, 'standard', 'persistence', kind)} |")
-        if "zero_shot" in first_test:
-            lines.append(f"| persistence, {first_test['zero_shot']['label']} | — | — | "
-                         f"{_pair(first_test, 'zero_shot', 'persistence', kind)} |")
-        lines.append("")
-    others = [k for k in first_test if k not in ("standard", "zero_shot")]
-    if others:
-        lines += ["## Other protocols (test, plain MSE t_in / t_out)", "",
-                  "| model | " + " | ".join(first_test[k]["label"] for k in others) + " |",
-                  "|---|" + "---|" * len(others)]
-        for label, row in rows.items():
-            test = row["results"]["test"]["settings"]
-            lines.append(f"| {label} | " + " | ".join(_pair(test, k, "model", None, " / ") for k in others) + " |")
-        lines += ["| persistence | " + " | ".join(_pair(first_test, k, "persistence", None, " / ") for k in others) + " |", ""]
+    results = {
+        label: (row["results"]["test"]["settings"], row["results"].get("train", {}).get("settings"))
+        for label, row in rows.items()
+    }
+    lines = [f"# {title}", ""] + mse_tables(results)
     lines += [
         "## Cost", "",
         "| model | parameters | training steps | training wall time | inference per trajectory |",

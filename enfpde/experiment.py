@@ -366,12 +366,59 @@ def _load_metrics(run_dir: Path, out_name: str, split: str) -> dict | None:
     return json.loads(path.read_text())["settings"] if path.exists() else None
 
 
+def _pair(settings: dict | None, key: str, who: str, kind: str | None, sep: str = " | ") -> str:
+    """``t_in`` and ``t_out`` of one entry of an evaluation's settings as table cells (— where missing)."""
+    entry = (settings or {}).get(key)
+    values = None if entry is None else (entry[who] if kind is None else entry[who].get(kind))
+    if values is None:
+        return sep.join(["—", "—"])
+    return sep.join("—" if values[p] is None else f"{values[p]:.2e}" for p in ("t_in", "t_out"))
+
+
+def mse_tables(results: dict[str, tuple[dict, dict | None]]) -> list[str]:
+    """Markdown lines comparing models evaluated on the same data: MSE t_in / t_out on train and test (plain,
+    and latitude-weighted when present), zero-shot rows, and the other protocols of the test split.
+
+    Args:
+        results: row label -> (test settings, train settings or None), the ``"settings"`` of
+            :func:`enfpde.evaluation.evaluate`'s results. Persistence comes from the first row (the same for
+            every model: same data, seed and points).
+    """
+    if not results:
+        raise ValueError("a comparison needs at least one evaluated model.")
+    first_test, first_train = next(iter(results.values()))
+    kinds = [(None, "Plain MSE")]
+    if "lat_weighted" in first_test["standard"]["model"]:
+        kinds.append(("lat_weighted", "Latitude-weighted MSE (cos latitude, mean weight 1)"))
+    lines = []
+    for kind, heading in kinds:
+        lines += [f"## {heading}", "", "| model | t_in train | t_out train | t_in test | t_out test |", "|---|---|---|---|---|"]
+        for label, (test, train) in results.items():
+            lines.append(f"| {label} | {_pair(train, 'standard', 'model', kind)} | {_pair(test, 'standard', 'model', kind)} |")
+            if "zero_shot" in test:
+                lines.append(f"| {label}, {test['zero_shot']['label']} | — | — | {_pair(test, 'zero_shot', 'model', kind)} |")
+        lines.append(f"| persistence | {_pair(first_train, 'standard', 'persistence', kind)} | "
+                     f"{_pair(first_test, 'standard', 'persistence', kind)} |")
+        if "zero_shot" in first_test:
+            lines.append(f"| persistence, {first_test['zero_shot']['label']} | — | — | "
+                         f"{_pair(first_test, 'zero_shot', 'persistence', kind)} |")
+        lines.append("")
+    others = [k for k in first_test if k not in ("standard", "zero_shot")]
+    if others:
+        lines += ["## Other protocols (test, plain MSE t_in / t_out)", "",
+                  "| model | " + " | ".join(first_test[k]["label"] for k in others) + " |",
+                  "|---|" + "---|" * len(others)]
+        for label, (test, _) in results.items():
+            lines.append(f"| {label} | " + " | ".join(_pair(test, k, "model", None, " / ") for k in others) + " |")
+        lines += ["| persistence | " + " | ".join(_pair(first_test, k, "persistence", None, " / ") for k in others) + " |", ""]
+    return lines
+
+
 def comparison_markdown(
     runs: dict[str, str | os.PathLike], *, title: str, paper_table: str | None = None, out_name: str = EVAL_DIR
 ) -> str:
-    """One markdown report comparing evaluated runs: MSE t_in / t_out on train and test (plain, and
-    latitude-weighted when present), zero-shot super-resolution, the sparse and shifted protocols, and each
-    run's epochs and training time; persistence (from the first run's evaluation) and ``paper_table`` beside.
+    """One markdown report comparing evaluated runs: :func:`mse_tables` of their evaluations, and each run's
+    epochs and training time; ``paper_table`` beside.
 
     Args:
         runs: row label -> run directory, each evaluated by :func:`evaluate_run` into ``out_name``.
@@ -381,43 +428,7 @@ def comparison_markdown(
     missing = [str(d) for d, test, _ in evaluated.values() if test is None]
     if missing:
         raise FileNotFoundError(f"no evaluation ({out_name}/test/metrics.json) in {missing}; evaluate the runs first.")
-
-    def pair(settings, key, who, kind):
-        entry = (settings or {}).get(key)
-        if entry is None:
-            return "— | —"
-        values = entry[who] if kind is None else entry[who].get(kind)
-        if values is None:
-            return "— | —"
-        return " | ".join("—" if values[p] is None else f"{values[p]:.2e}" for p in ("t_in", "t_out"))
-
-    first_test, first_train = next(iter(evaluated.values()))[1:]
-    kinds = [(None, "Plain MSE")]
-    if "lat_weighted" in first_test["standard"]["model"]:
-        kinds.append(("lat_weighted", "Latitude-weighted MSE (cos latitude, mean weight 1)"))
-    lines = [f"# {title}", ""]
-    for kind, heading in kinds:
-        lines += [f"## {heading}", "", "| model | t_in train | t_out train | t_in test | t_out test |", "|---|---|---|---|---|"]
-        for label, (_, test, train) in evaluated.items():
-            lines.append(f"| {label} | {pair(train, 'standard', 'model', kind)} | {pair(test, 'standard', 'model', kind)} |")
-            if "zero_shot" in test:
-                lines.append(f"| {label}, {test['zero_shot']['label']} | — | — | {pair(test, 'zero_shot', 'model', kind)} |")
-        lines.append(f"| persistence | {pair(first_train, 'standard', 'persistence', kind)} | "
-                     f"{pair(first_test, 'standard', 'persistence', kind)} |")
-        if "zero_shot" in first_test:
-            lines.append(f"| persistence, {first_test['zero_shot']['label']} | — | — | "
-                         f"{pair(first_test, 'zero_shot', 'persistence', kind)} |")
-        lines.append("")
-    others = [k for k in first_test if k not in ("standard", "zero_shot")]
-    if others:
-        lines += ["## Other protocols (test, plain MSE t_in / t_out)", "",
-                  "| model | " + " | ".join(first_test[k]["label"] for k in others) + " |",
-                  "|---|" + "---|" * len(others)]
-        for label, (_, test, _) in evaluated.items():
-            cells = [pair(test, k, "model", None).replace(" | ", " / ") for k in others]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        cells = [pair(first_test, k, "persistence", None).replace(" | ", " / ") for k in others]
-        lines += ["| persistence | " + " | ".join(cells) + " |", ""]
+    lines = [f"# {title}", ""] + mse_tables({label: (test, train) for label, (_, test, train) in evaluated.items()})
     lines += ["## Training", "", "| model | epochs reached | steps | training wall time |", "|---|---|---|---|"]
     for label, (run_dir, _, _) in evaluated.items():
         s = training_summary(run_dir)
