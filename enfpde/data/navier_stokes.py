@@ -37,7 +37,6 @@ import functools
 import math
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata
@@ -50,6 +49,8 @@ import numpy as np
 import xarray as xr
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from enfpde.data.trajectories import write_netcdf_atomic
 
 Array = jax.Array
 
@@ -837,27 +838,6 @@ def _subsample(config: NavierStokesConfig, split: str, source: xr.Dataset) -> xr
     return _to_dataset(config, split, np.ascontiguousarray(data))
 
 
-def _write_atomic(dataset: xr.Dataset, target: Path, overwrite: bool) -> None:
-    """Write ``dataset`` next to ``target`` under a temporary name, then rename it into place."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    encoding = {name: {"_FillValue": None} for name in list(dataset.variables)}
-    n = dataset.sizes
-    # One trajectory per chunk; shuffle + zlib level 1 saves about 20 % on these fields at little cost.
-    encoding["vorticity"].update(chunksizes=(1, n["time"], n["y"], n["x"]), zlib=True, complevel=1, shuffle=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates the file private; give it the usual permissions
-        dataset.to_netcdf(temporary, engine="netcdf4", format="NETCDF4", encoding=encoding)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} appeared while it was being generated; pass overwrite=True to replace it.")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def generate_dataset(
     config_path_or_config: Union[str, os.PathLike, Mapping, NavierStokesConfig],
     output_dir: Union[str, os.PathLike, None] = None,
@@ -910,7 +890,7 @@ def generate_dataset(
             computed[split] = dataset
         else:
             dataset = _subsample(config, split, computed[source])
-        _write_atomic(dataset, targets[split], overwrite)
+        write_netcdf_atomic(dataset, targets[split], ["vorticity"], overwrite=overwrite)
         # Free computed splits no remaining split is cut from.
         for name in list(computed):
             if all(sources[s] != name for s in order[position + 1 :]):

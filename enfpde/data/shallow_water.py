@@ -66,7 +66,6 @@ import functools
 import math
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata
@@ -86,6 +85,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from enfpde.data.navier_stokes import SeedMode, split_seeds
+from enfpde.data.trajectories import write_netcdf_atomic
 
 Array = jax.Array
 
@@ -1024,27 +1024,6 @@ def generate_split(
     return fine if native else coarse
 
 
-def _write_atomic(dataset: xr.Dataset, target: Path, overwrite: bool) -> None:
-    """Write ``dataset`` next to ``target`` under a temporary name, then rename it into place."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    encoding = {name: {"_FillValue": None} for name in list(dataset.variables)}
-    n = dataset.sizes
-    for name in VARIABLES:  # one trajectory per chunk; shuffle + zlib level 1
-        encoding[name].update(chunksizes=(1, n["time"], n["latitude"], n["longitude"]), zlib=True, complevel=1, shuffle=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates the file private; give it the usual permissions
-        dataset.to_netcdf(temporary, engine="netcdf4", format="NETCDF4", encoding=encoding)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} appeared while it was being generated; pass overwrite=True to replace it.")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def generate_dataset(
     config_path_or_config: Union[str, os.PathLike, Mapping, ShallowWaterConfig],
     output_dir: Union[str, os.PathLike, None] = None,
@@ -1092,7 +1071,7 @@ def generate_dataset(
     directory.mkdir(parents=True, exist_ok=True)
     for split in config.splits:
         coarse, native = _run_split(config, split, split in config.native_splits, progress, workers)
-        _write_atomic(coarse, targets[split], overwrite)
+        write_netcdf_atomic(coarse, targets[split], list(VARIABLES), overwrite=overwrite)
         if native is not None:
-            _write_atomic(native, targets[f"{split}_native"], overwrite)
+            write_netcdf_atomic(native, targets[f"{split}_native"], list(VARIABLES), overwrite=overwrite)
     return targets
