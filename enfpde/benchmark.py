@@ -25,6 +25,7 @@ Baseline presets live in ``experiments/configs/baselines/<model>_<dataset>_<pres
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -41,6 +42,7 @@ from enfpde.config import PRESET_DIR, ConfigError, RunConfig, load_config, to_ya
 from enfpde.data.trajectories import TrajectoryDataset, save_json_atomic
 from enfpde.evaluation import check_writable, write_report, write_text_atomic
 from enfpde.experiment import evaluate_protocol, mse_tables
+from enfpde.paper import paper_table
 
 __all__ = [
     "BASELINE_PRESET_DIR",
@@ -52,6 +54,7 @@ __all__ = [
     "benchmark_markdown",
     "check_models",
     "default_table",
+    "finished_row",
     "load_baseline_preset",
     "load_model",
     "machine_line",
@@ -265,14 +268,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def benchmark_markdown(rows: dict[str, dict], *, title: str, command: str | None = None, machine: str | None = None) -> str:
-    """The comparison table of benchmark rows.
+def benchmark_markdown(
+    rows: dict[str, dict],
+    *,
+    title: str,
+    command: str | None = None,
+    machine: str | None = None,
+    paper_table: str | None = None,
+    notes: Sequence[str] = (),
+) -> str:
+    """The comparison table of benchmark rows, with the published numbers (``paper_table``) under it.
 
     Args:
         rows: label -> ``{"results": {"test": ..., "train": ...}`` (from :func:`enfpde.experiment.evaluate_protocol`),
             ``"num_parameters"``, ``"steps"``, ``"train_wall_s"``, ``"inference_s_per_trajectory"``}``.
             Persistence comes from the first row's evaluation (the same for all: same data, seed and points).
-        command, machine: written under the tables.
+        command, machine, notes: written under the tables (``notes``: sentences, one paragraph each).
+        paper_table: the published numbers (markdown), printed last under their own heading.
     """
     if not rows:
         raise ValueError("benchmark_markdown needs at least one evaluated model.")
@@ -298,8 +310,12 @@ def benchmark_markdown(rows: dict[str, dict], *, title: str, command: str | None
     ]
     if command:
         lines += ["", f"Command: `{command}`"]
+    for note in notes:
+        lines += ["", note]
     if machine:
         lines += ["", f"Machine: {machine}."]
+    if paper_table:
+        lines += ["", "## The paper's numbers", "", paper_table.strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -316,6 +332,20 @@ def _json_ready(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def finished_row(out_dir: str | os.PathLike) -> dict | None:
+    """The benchmark row of a model directory a previous :func:`run_benchmark` finished (its training record
+    and its evaluation), or None if the directory holds no finished model."""
+    out_dir = Path(out_dir)
+    record_path, test_path = out_dir / RECORD_FILE, out_dir / EVAL_DIR / "test" / "metrics.json"
+    if not (record_path.exists() and test_path.exists()):
+        return None
+    results = {"test": json.loads(test_path.read_text())}
+    train_path = out_dir / EVAL_DIR / "train" / "metrics.json"
+    if train_path.exists():
+        results["train"] = json.loads(train_path.read_text())
+    return {**json.loads(record_path.read_text()), "results": results}
 
 
 def run_benchmark(
@@ -335,7 +365,9 @@ def run_benchmark(
 
     Each model goes to ``<run_root>/benchmark_<dataset>_<preset>/<model>/`` with its evaluation in
     ``eval/{test,train}/metrics.{json,md}`` and its row in ``benchmark.json``; the table goes to ``table``
-    (default ``experiments/results/benchmark_<dataset>_<preset>.md``).
+    (default ``experiments/results/benchmark_<dataset>_<preset>.md``). Models of :data:`MODELS` left out of
+    ``models`` whose directory holds a finished run (:func:`finished_row`) keep their row in the table, so one
+    model can be retrained (``--models dino --overwrite``) without retraining the others.
 
     Raises:
         ValueError: an unknown dataset, preset or model. ConfigError: bad overrides.
@@ -373,8 +405,19 @@ def run_benchmark(
         )
         save_json_atomic(out_dir / RECORD_FILE, _json_ready(record))
         rows[LABELS[model]] = {**record, "results": results}
+    kept = [m for m in MODELS if m not in models and finished_row(root / m) is not None]
+    rows.update({LABELS[m]: finished_row(root / m) for m in kept})
+    rows = {LABELS[m]: rows[LABELS[m]] for m in MODELS if LABELS[m] in rows}  # the table's order
+    notes = []
+    if kept:
+        notes.append(
+            f"The rows of {', '.join(LABELS[m] for m in kept)} come from the finished runs in `{root}`, trained by an "
+            f"earlier command; this one trained {', '.join(LABELS[m] for m in models)}."
+        )
     title = f"Benchmark: {DATASET_TITLES[dataset]}, preset `{preset}`"
-    text = benchmark_markdown(rows, title=title, command=command, machine=machine_line())
+    text = benchmark_markdown(
+        rows, title=title, command=command, machine=machine_line(), paper_table=paper_table(dataset), notes=notes
+    )
     table.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(table, text)
     return table

@@ -19,19 +19,10 @@ from enfpde.benchmark import machine_line
 from enfpde.config import load_config
 from enfpde.evaluation import check_writable, write_text_atomic
 from enfpde.experiment import comparison_markdown, run_experiment
+from enfpde.paper import paper_table
 
 GEOMETRIES = ("axial_sphere", "sphere", "absolute_sphere")
 LABELS = {"axial_sphere": "ENF axial", "sphere": "ENF full rotations", "absolute_sphere": "ENF absolute position"}
-PAPER_TABLE = """\
-Paper (ENF-PDE, shallow water, MSE in the reference's units; 512 train / 128 test, 500 + 1000 epochs):
-
-| model | t_in train | t_out train | t_in test | t_out test |
-|---|---|---|---|---|
-| DINo (train resolution) | 1.75e-04 | 1.36e-03 | 2.01e-04 | 1.37e-03 |
-| ENF axial (train resolution) | 9.94e-05 | 1.89e-03 | 1.09e-04 | 1.87e-03 |
-| DINo (zero-shot 2x) | 3.03e-04 | 2.03e-03 | 3.37e-04 | 2.03e-03 |
-| ENF axial (zero-shot 2x) | 1.58e-04 | 1.96e-03 | 1.61e-04 | 1.93e-03 |
-"""
 
 
 def main() -> None:
@@ -61,7 +52,7 @@ def main() -> None:
         [f"--preset {args.preset}", "--geometries " + " ".join(args.geometries), *args.overrides]
     )
     report = comparison_markdown(
-        runs, title=f"Shallow water on the sphere, preset `{args.preset}`", paper_table=PAPER_TABLE
+        runs, title=f"Shallow water on the sphere, preset `{args.preset}`", paper_table=paper_table("swe")
     )
     report += f"\nCommand: `{command}`. Errors in the reference's units (eval.variable_scales).\n"
     report += f"Machine: {machine_line()}.\n"

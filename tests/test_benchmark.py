@@ -41,7 +41,8 @@ def benchmark(tiny_data, tmp_path_factory):
 
 def test_table_holds_every_model_with_parameters_and_protocols(benchmark):
     root, table = benchmark
-    text = table.read_text()
+    text, paper = table.read_text().split("## The paper's numbers")
+    assert "| ENF, periodic | 1.45e-03 | 9.14e-03 | 1.57e-03 | 1.16e-02 |" in paper
     cost = text.split("## Cost")[1]
     for model, label in (("enf", "ENF"), ("fno", "FNO"), ("dino", "DINo")):
         record = json.loads((root / "runs" / "benchmark_ns_quick" / model / "benchmark.json").read_text())
@@ -50,6 +51,21 @@ def test_table_holds_every_model_with_parameters_and_protocols(benchmark):
         assert text.count(f"| {label} |") == 3  # MSE, other protocols, cost
     for heading in ("sparse 50 %", "sparse 5 %", "shifted", "persistence", "Command: `pytest`", "Machine:"):
         assert heading in text, heading
+
+
+def test_retraining_one_model_keeps_the_finished_rows_of_the_others(benchmark, tiny_data):
+    root, table = benchmark
+    before = table.read_text()
+    run_benchmark(
+        "ns", "quick", models=["fno"], run_root=root / "runs", table=table, overrides=tiny_overrides(tiny_data),
+        overwrite=True, progress=False, command="pytest fno", generate_data=False,
+    )
+    after = table.read_text()
+    for label in ("ENF", "DINo"):  # not retrained: the same rows as before
+        rows = [line for line in before.splitlines() if line.startswith(f"| {label} |")]
+        assert rows and all(row in after for row in rows), label
+    assert "The rows of ENF, DINo come from the finished runs" in after and "this one trained FNO" in after
+    assert after.index("| ENF |") < after.index("| FNO |") < after.index("| DINo |")
 
 
 @pytest.mark.parametrize("model", MODELS)
