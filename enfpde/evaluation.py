@@ -175,12 +175,11 @@ class Persistence:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _frame_sums(pred, truth, mask=None, weights=None, scales=None) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted squared-error sums and weight totals ``[B, T]`` over points and channels.
+def _channel_sums(pred, truth, mask=None, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted squared-error sums and weight totals ``[B, T, C]`` over points, per channel (data units).
 
     Entries where the truth is missing (NaN) or ``mask`` is False carry no weight; a NaN prediction where
-    the truth is observed makes the sum NaN (a diverged model is reported, not hidden). ``scales`` (``[C]``)
-    multiplies each channel's error.
+    the truth is observed makes the sum NaN (a diverged model is reported, not hidden).
     """
     pred, truth = np.asarray(pred), np.asarray(truth)
     if pred.shape != truth.shape or pred.ndim != 4:
@@ -200,9 +199,15 @@ def _frame_sums(pred, truth, mask=None, weights=None, scales=None) -> tuple[np.n
         w = w * weights[:, None]
     # Missing truth gives zero error; a NaN prediction at an observed entry stays NaN.
     error = np.where(valid, pred.astype(np.float64) - np.where(valid, truth, 0.0), 0.0)
+    return np.sum(w * error**2, axis=2), np.sum(w, axis=2)
+
+
+def _frame_sums(channel_sums: np.ndarray, channel_totals: np.ndarray, scales=None) -> tuple[np.ndarray, np.ndarray]:
+    """``[..., C]`` per-channel sums and totals -> ``[...]`` over channels; ``scales`` (``[C]``) multiplies each
+    channel's error (so its squared error by ``scales**2``)."""
     if scales is not None:
-        error = error * np.asarray(scales, np.float64)
-    return np.sum(w * error**2, axis=(2, 3)), np.sum(w, axis=(2, 3))
+        channel_sums = channel_sums * np.asarray(scales, np.float64) ** 2
+    return channel_sums.sum(axis=-1), channel_totals.sum(axis=-1)
 
 
 def _mean_over_trajectories(sums: np.ndarray, totals: np.ndarray) -> np.ndarray:
@@ -227,7 +232,7 @@ def mse_per_frame(pred, truth, mask=None, *, weights=None) -> np.ndarray:
     Returns:
         ``[T]`` float64.
     """
-    return _mean_over_trajectories(*_frame_sums(pred, truth, mask, weights))
+    return _mean_over_trajectories(*_frame_sums(*_channel_sums(pred, truth, mask, weights)))
 
 
 def _is_in(times: np.ndarray, horizon_time: float) -> np.ndarray:
@@ -527,8 +532,9 @@ def _run_setting(
     kinds = {"plain": None}
     if latitude_weighted:
         kinds["lat_weighted"] = latitude_weights(target)
-    # [forecaster][kind] -> [N, T] weighted squared-error sums and weight totals
-    acc = {who: {k: (np.zeros((n, t)), np.zeros((n, t))) for k in kinds} for who in forecasters}
+    c = len(dataset.variables)
+    # [forecaster][kind] -> [N, T, C] weighted squared-error sums and weight totals per channel (data units)
+    acc = {who: {k: (np.zeros((n, t, c)), np.zeros((n, t, c))) for k in kinds} for who in forecasters}
     for idx in batches:
         truth = target.values[idx][:, s.frames]
         if s.shifts is not None:
@@ -542,14 +548,18 @@ def _run_setting(
         for who, (forecaster, label) in forecasters.items():
             pred = _check_prediction(forecaster.predict(coords, initial, times, query_coords), expected, label)
             for kind, w in kinds.items():
-                sums, totals = _frame_sums(pred, truth, weights=w, scales=scales)
+                sums, totals = _channel_sums(pred, truth, weights=w)
                 acc[who][kind][0][idx], acc[who][kind][1][idx] = sums, totals
         bar.update(1)
     entry = {"label": s.label, "times": times.tolist()}
     for who in forecasters:
-        entry[who] = _summary(*acc[who]["plain"], times, horizon_time)
+        entry[who] = _summary(*_frame_sums(*acc[who]["plain"], scales), times, horizon_time)
         if latitude_weighted:
-            entry[who]["lat_weighted"] = _summary(*acc[who]["lat_weighted"], times, horizon_time)
+            entry[who]["lat_weighted"] = _summary(*_frame_sums(*acc[who]["lat_weighted"], scales), times, horizon_time)
+        entry[who]["per_variable"] = {
+            var: {f"{kind}_per_frame": _mean_over_trajectories(*(a[..., j] for a in acc[who][kind])).tolist() for kind in kinds}
+            for j, var in enumerate(dataset.variables)
+        }
     entry.update(s.extra)
     return entry
 
@@ -608,14 +618,17 @@ def evaluate(
                           "periodic_axes", "latitude_weighted", "variable_scales"},
              "settings": {key: {"label": str, "times": [T] lead times,
                                 "model": {"t_in", "t_out", "per_frame": [T]
-                                          [, "lat_weighted": {"t_in", "t_out", "per_frame"}]},
+                                          [, "lat_weighted": {"t_in", "t_out", "per_frame"}],
+                                          "per_variable": {variable: {"plain_per_frame": [T]
+                                                           [, "lat_weighted_per_frame": [T]]}}},
                                 "persistence": {same},
                                 ...setting extras: dtau; fraction, observed_points, observed_fraction;
                                    shift_axes, shifts_cells}}}
 
         with keys ``standard``, ``dtau_1``, ``dtau_0.5``, ``dtau_0.25``, ``sparse_50%``, ``sparse_5%``,
         ``shifted``, ``zero_shot`` (those enabled), in that order. ``t_in``/``t_out`` are None for an empty group; a model
-        that returns NaN where the truth is observed gets NaN.
+        that returns NaN where the truth is observed gets NaN. ``per_variable`` holds each variable's MSE per
+        frame in the file's units (``variable_scales`` not applied); its square root is the RMSE.
     """
     from tqdm.auto import tqdm
 

@@ -272,6 +272,10 @@ def test_sphere_latitude_weighted_and_longitude_shift():
     np.testing.assert_allclose(standard["per_frame"], hand_plain, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(standard["lat_weighted"]["per_frame"], hand_weighted, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(res["settings"]["shifted"]["persistence"]["lat_weighted"]["per_frame"], hand_weighted, rtol=1e-5, atol=1e-7)
+    for amplitudes, variable in zip(AMPLITUDES.T, ds.variables):  # each variable on its own, weighted
+        hand = np.mean(w * g2) * np.mean(amplitudes**2) * (1.0 - np.cos(2 * np.pi * SPEED * COARSE))
+        got = standard["per_variable"][variable]["lat_weighted_per_frame"]
+        np.testing.assert_allclose(got, hand, rtol=1e-5, atol=1e-7)
 
 
 def test_zero_shot_super_resolution_queries_the_native_grid():
@@ -300,6 +304,12 @@ def test_variable_scales_multiply_each_channel_error():
     hand = np.mean(AMPLITUDES**2 * scales**2) * (1.0 - np.cos(2 * np.pi * SPEED * COARSE))
     np.testing.assert_allclose(res["settings"]["standard"]["model"]["per_frame"], hand, rtol=1e-5, atol=1e-7)
     assert res["protocol"]["variable_scales"] == [2.0, 0.5]
+    # Per variable: the file's units, scales not applied.
+    per_variable = res["settings"]["standard"]["model"]["per_variable"]
+    assert list(per_variable) == list(ds.variables)
+    for amplitudes, variable in zip(AMPLITUDES.T, ds.variables):
+        hand = np.mean(amplitudes**2) * (1.0 - np.cos(2 * np.pi * SPEED * COARSE))
+        np.testing.assert_allclose(per_variable[variable]["plain_per_frame"], hand, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="variable_scales must be 2 positive"):
         evaluate(Replay(ds), ds, horizon_time=HORIZON, variable_scales=[1.0], shift=False, progress=False)
 
