@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-GENERATORS = ("navier_stokes", "shallow_water")
+GENERATORS = ("navier_stokes", "shallow_water", "era5")
 
 
 def dataset_generator(config_path: str | os.PathLike) -> str:
@@ -27,11 +27,15 @@ def generate_dataset(
 ) -> dict[str, Path]:
     """Generate every split of the dataset YAML ``config_path`` with the generator it names.
 
-    Returns split name -> file path; see :func:`enfpde.data.navier_stokes.generate_dataset` and
-    :func:`enfpde.data.shallow_water.generate_dataset` for the files and their guarantees.
+    Returns split name -> file path; see :func:`enfpde.data.navier_stokes.generate_dataset`,
+    :func:`enfpde.data.shallow_water.generate_dataset` and :func:`enfpde.data.era5.generate_dataset` for the files
+    and their guarantees.
     """
-    if dataset_generator(config_path) == "shallow_water":
+    generator = dataset_generator(config_path)
+    if generator == "shallow_water":
         from enfpde.data.shallow_water import generate_dataset as generate
+    elif generator == "era5":
+        from enfpde.data.era5 import generate_dataset as generate
     else:
         from enfpde.data.navier_stokes import generate_dataset as generate
     return generate(config_path, output_dir=output_dir, overwrite=overwrite, progress=progress)
