@@ -1,14 +1,23 @@
 """ERA5 data (enfpde.data.era5): every source format read into one layout, selection, normalisation, windows, files.
 
 The reference data is the real ERA5 sample beside the project (10 members, z and t at 850/500 hPa, 4 times,
-3-degree grid), read in place; without it (or without cfgrib) a synthetic stand-in on the same grid is used and
-the GRIB tests skip. The fixtures write that data the way each source lays it out (CDS netCDF new and old, a
-WeatherBench2-style zarr, GRIB split per time), and every reader must give back the same canonical arrays.
+3-degree grid), read in place. Without it a synthetic stand-in with the same messages (GRIB1, 10 members, same
+grid, levels and times; smooth latitude-dependent fields plus noise) is written to a temporary GRIB file with
+eccodes, so every test, the GRIB ones included, runs on a fresh clone. Without cfgrib/eccodes (the ``grib``
+extra) the stand-in is built in memory and only the GRIB tests skip. The fixtures write the reference data the
+way each source lays it out (CDS netCDF new and old, a WeatherBench2-style zarr, GRIB split per time), and every
+reader must give back the same canonical arrays.
+
+Where the sample is looked for: ``ENFPDE_ERA5_SAMPLE`` when set (only there: ``ENFPDE_ERA5_SAMPLE=none``, or any
+path that is not a file, means "no sample" and selects the synthetic GRIB), else ``<repo>/../shared/data/`` and
+``/work/shared/data/`` (``era5-levels-members.grib``). To run the CI configuration here:
+``ENFPDE_ERA5_SAMPLE=none pytest tests/test_era5_data.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -24,38 +33,47 @@ from enfpde.data.trajectories import TrajectoryDataset
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_NAME = "era5-levels-members.grib"
-HAVE_CFGRIB = importlib.util.find_spec("cfgrib") is not None
 UNITS = {"z": "m**2 s**-2", "t": "K"}  # as cfgrib and the CDS write them
 LONG = {"z": "geopotential", "t": "temperature"}
+TIMES = np.array(["2017-01-01T00", "2017-01-01T12", "2017-01-02T00", "2017-01-02T12"], "datetime64[ns]")
 
 
 def _sample_path() -> Path | None:
-    candidates = [Path(os.environ["ENFPDE_ERA5_SAMPLE"])] if os.environ.get("ENFPDE_ERA5_SAMPLE") else []
-    candidates += [REPO.parent / "shared" / "data" / SAMPLE_NAME, Path("/work/shared/data") / SAMPLE_NAME]
+    """The real sample, or None: ENFPDE_ERA5_SAMPLE alone when set ('none' or a missing file: no sample)."""
+    env = os.environ.get("ENFPDE_ERA5_SAMPLE", "").strip()
+    if env:
+        path = Path(env).expanduser()
+        return path if env.lower() != "none" and path.is_file() else None
+    candidates = [REPO.parent / "shared" / "data" / SAMPLE_NAME, Path("/work/shared/data") / SAMPLE_NAME]
     return next((p for p in candidates if p.is_file()), None)
 
 
 SAMPLE = _sample_path()
-NO_SAMPLE = f"the ERA5 sample {SAMPLE_NAME} is not here (set ENFPDE_ERA5_SAMPLE to its path)"
 
 
-@pytest.fixture(scope="module")
-def sample() -> Path:
-    if SAMPLE is None:
-        pytest.skip(NO_SAMPLE)
-    pytest.importorskip("cfgrib", reason="GRIB needs the 'grib' extra (cfgrib, eccodes)")
-    return SAMPLE
+@functools.cache
+def _grib_missing() -> str | None:
+    """Why GRIB cannot be read or written here (None: cfgrib and eccodes import)."""
+    try:
+        for module in ("eccodes", "cfgrib"):
+            importlib.import_module(module)
+    except Exception as error:  # ImportError, or eccodes' RuntimeError when its binary library is missing
+        return f"GRIB needs the 'grib' extra, pip install 'enfpde[grib]' (cfgrib, eccodes): {type(error).__name__}: {error}"
+    return None
 
 
 def _synthetic_raw() -> xr.Dataset:
-    """Smooth random fields on the sample's grid and axes, in cfgrib's layout."""
+    """Smooth fields plus noise on the sample's grid and axes, in cfgrib's layout. Physically ordered like the real
+    data: 500 hPa is higher than 850 hPa everywhere, and it is colder at the poles than at the equator."""
     rng = np.random.default_rng(0)
     lat, lon = np.arange(90.0, -90.1, -3.0), np.arange(0.0, 360.0, 3.0)
-    shape = (10, 4, 2, lat.size, lon.size)
-    wave = np.cos(np.deg2rad(lat))[:, None] * np.sin(np.deg2rad(lon))[None, :]
-    z = (5e4 + 3e3 * wave + 50 * rng.standard_normal(shape)).astype(np.float32)
-    t = (250 + 20 * wave + rng.standard_normal(shape)).astype(np.float32)
-    return _raw(z, t, np.arange(10), np.array(["2017-01-01T00", "2017-01-01T12", "2017-01-02T00", "2017-01-02T12"], "datetime64[ns]"), lat, lon)
+    shape = (10, 4, 2, lat.size, lon.size)  # number, time, level (850, 500), latitude, longitude
+    coslat = np.cos(np.deg2rad(lat))[:, None] + 0 * lon[None, :]
+    wave = np.cos(np.deg2rad(lat))[:, None] * np.sin(np.deg2rad(2 * lon))[None, :]
+    by_level = lambda a850, a500: np.array([a850, a500])[:, None, None]  # noqa: E731
+    z = by_level(1.2e4, 5.0e4) + by_level(2e3, 6e3) * coslat + 500 * wave + 50 * rng.standard_normal(shape)
+    t = by_level(250.0, 230.0) + by_level(40.0, 25.0) * coslat + 3 * wave + rng.standard_normal(shape)
+    return _raw(z.astype(np.float32), t.astype(np.float32), np.arange(10), TIMES, lat, lon)
 
 
 def _raw(z, t, numbers, times, lat, lon) -> xr.Dataset:
@@ -66,12 +84,76 @@ def _raw(z, t, numbers, times, lat, lon) -> xr.Dataset:
     )
 
 
+def write_grib(raw: xr.Dataset, path: Path) -> Path:
+    """``raw`` (cfgrib's layout, regular latitude-longitude grid) as GRIB1 messages the way the ERA5 sample has them:
+    ECMWF local definition 1 (class ea, stream enda, type an), one message per time, level, variable and member,
+    latitude from north to south, 16-bit simple packing (so values come back rounded: read the file to compare)."""
+    import eccodes
+
+    lat, lon = raw.latitude.values, raw.longitude.values
+    grid = {
+        "Ni": lon.size, "Nj": lat.size, "latitudeOfFirstGridPointInDegrees": float(lat[0]),
+        "latitudeOfLastGridPointInDegrees": float(lat[-1]), "longitudeOfFirstGridPointInDegrees": float(lon[0]),
+        "longitudeOfLastGridPointInDegrees": float(lon[-1]), "iDirectionIncrementInDegrees": float(lon[1] - lon[0]),
+        "jDirectionIncrementInDegrees": float(abs(lat[1] - lat[0])), "jScansPositively": int(lat[1] > lat[0]),
+    }
+    numbers = raw.number.values if "number" in raw.dims else [None]
+    template = eccodes.codes_grib_new_from_samples("regular_ll_pl_grib1")
+    try:
+        for key, value in {"centre": "ecmf", "class": "ea", "type": "an", "stream": "enda" if numbers[0] is not None else "oper",
+                           "typeOfLevel": "isobaricInhPa", "stepRange": "0", "bitsPerValue": 16, **grid}.items():
+            (eccodes.codes_set_string if isinstance(value, str) else eccodes.codes_set)(template, key, value)
+        if numbers[0] is not None:
+            eccodes.codes_set(template, "numberOfForecastsInEnsemble", len(numbers))
+        with open(path, "wb") as target:
+            for time in raw.time.values:
+                stamp = np.datetime_as_string(time, unit="m")  # 2017-01-01T12:00
+                date, hhmm = int(stamp[:10].replace("-", "")), int(stamp[11:].replace(":", ""))
+                for level in raw.isobaricInhPa.values:
+                    for name in raw.data_vars:
+                        for number in numbers:
+                            message = eccodes.codes_clone(template)
+                            eccodes.codes_set_string(message, "shortName", str(name))
+                            for key, value in (("level", int(level)), ("dataDate", date), ("dataTime", hhmm)):
+                                eccodes.codes_set(message, key, value)
+                            where = {"time": time, "isobaricInhPa": level}
+                            if number is not None:
+                                eccodes.codes_set(message, "number", int(number))
+                                where["number"] = number
+                            values = raw[name].sel(where).transpose("latitude", "longitude").values
+                            eccodes.codes_set_values(message, np.asarray(values, np.float64).ravel())
+                            eccodes.codes_write(message, target)
+                            eccodes.codes_release(message)
+    finally:
+        eccodes.codes_release(template)
+    return path
+
+
 @pytest.fixture(scope="module")
-def raw() -> xr.Dataset:
-    """The reference data in cfgrib's layout (levels 850, 500; latitude 90 -> -90), in memory."""
-    if SAMPLE is None or not HAVE_CFGRIB:
+def grib_source(tmp_path_factory) -> Path | None:
+    """The real sample; else the synthetic stand-in written as GRIB; None when GRIB cannot be handled here."""
+    if _grib_missing() is not None:
+        return None
+    if SAMPLE is not None:
+        return SAMPLE
+    return write_grib(_synthetic_raw(), tmp_path_factory.mktemp("synthetic_grib") / SAMPLE_NAME)
+
+
+@pytest.fixture(scope="module")
+def sample(grib_source) -> Path:
+    """The GRIB reference file (real or synthetic); skips without cfgrib/eccodes."""
+    if grib_source is None:
+        pytest.skip(_grib_missing())
+    return grib_source
+
+
+@pytest.fixture(scope="module")
+def raw(grib_source) -> xr.Dataset:
+    """The reference data in cfgrib's layout (levels 850, 500; latitude 90 -> -90), in memory: the GRIB file as
+    cfgrib reads it, or without cfgrib the synthetic stand-in itself."""
+    if grib_source is None:
         return _synthetic_raw()
-    with xr.open_dataset(SAMPLE, engine="cfgrib", backend_kwargs={"indexpath": ""}) as ds:
+    with xr.open_dataset(grib_source, engine="cfgrib", backend_kwargs={"indexpath": ""}) as ds:
         return _raw(ds.z.values, ds.t.values, ds.number.values, ds.time.values, ds.latitude.values, ds.longitude.values)
 
 
@@ -129,7 +211,8 @@ def files(raw, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def grib_dir(sample, tmp_path_factory) -> Path:
     """The sample's GRIB messages copied by eccodes into one file per time (cfgrib reads a scalar time)."""
-    eccodes = pytest.importorskip("eccodes")
+    import eccodes  # the sample fixture has checked that it imports
+
     root = tmp_path_factory.mktemp("grib_dir")
     with open(sample, "rb") as source:
         while (message := eccodes.codes_grib_new_from_file(source)) is not None:
@@ -185,7 +268,8 @@ def test_grib_netcdf_and_zarr_give_identical_arrays(sample, files, grib_dir):
 
 def test_grib_mixing_level_types_keeps_every_field(sample, tmp_path):
     """cfgrib's xr.open_dataset would drop the surface fields of a file that starts with pressure levels."""
-    eccodes = pytest.importorskip("eccodes")
+    import eccodes
+
     path = tmp_path / "mixed.grib"
     with open(sample, "rb") as source, open(path, "wb") as target:
         while (message := eccodes.codes_grib_new_from_file(source)) is not None:
@@ -646,8 +730,8 @@ def test_quick_yaml_source_follows_the_environment_variable(files, monkeypatch):
     assert dataset_generator(REPO / "datasets" / "era5_quick.yaml") == "era5"
 
 
-def test_quick_yaml_on_the_real_sample(sample, tmp_path, monkeypatch):
-    """datasets/era5_quick.yaml through the generic dispatcher (what `enfpde generate` calls)."""
+def test_quick_yaml_on_the_sample(sample, tmp_path, monkeypatch):
+    """datasets/era5_quick.yaml through the generic dispatcher (what `enfpde generate` calls), on the GRIB sample."""
     monkeypatch.setenv("ENFPDE_ERA5_SAMPLE", str(sample))
     paths = generate_any(REPO / "datasets" / "era5_quick.yaml", output_dir=tmp_path, progress=False)
     train, test = TrajectoryDataset.open(paths["train"]), TrajectoryDataset.open(paths["test"])
