@@ -68,6 +68,7 @@ def _cmd_forecast(args) -> int:
         resolution=args.resolution,
         variables=args.variables,
         overwrite=args.overwrite,
+        init_time=args.init_time,
     )
     print(f"forecast written to {path}")
     return 0
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("forecast", help="forecast the initial states of a netCDF/zarr file; write netCDF")
+    p = sub.add_parser("forecast", help="forecast the initial states of a netCDF/zarr (or, ERA5 models, GRIB) file; write netCDF")
     p.add_argument("run_dir", help="a trained run directory")
     p.add_argument("input", help="netCDF or zarr with the initial state(s); the first time is used if it has several")
     p.add_argument("-o", "--output", required=True, help="output netCDF path")
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", default=None, help="netCDF/zarr whose coordinates give the output grid or points")
     p.add_argument("--resolution", default=None, help="output grid size per axis, e.g. 128x128 (regular grid)")
     p.add_argument("--variables", nargs="+", default=None, help="variables to write (default all)")
+    p.add_argument(
+        "--init-time", default=None,
+        help="models trained on ERA5: the analysis time of a raw ERA5 input (GRIB, CDS netCDF, zarr) to start from, "
+        "e.g. 2017-01-02T00 (default its first time)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_forecast)
 

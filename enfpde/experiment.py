@@ -203,8 +203,13 @@ def forecast_file(
     variables=None,
     overwrite: bool = False,
     batch_size: int = 8,
+    init_time=None,
 ) -> Path:
     """Forecast the initial state(s) in ``input_path`` (its first time) and write netCDF to ``output_path``.
+
+    For a model trained on ERA5 (:mod:`enfpde.data.era5`), ``input_path`` may also be an ERA5 file as downloaded
+    (GRIB, CDS netCDF, zarr): its fields are selected like the training data (levels, members, box, subsampling)
+    at ``init_time`` (default: its first time), one trajectory per ensemble member.
 
     The output location is ``at`` (a netCDF/zarr whose coordinates give the grid or points), a regular grid
     of ``resolution``, or the input points. Every input is validated before anything is written; the file is
@@ -216,10 +221,21 @@ def forecast_file(
     if at is not None and resolution is not None:
         raise ValueError("give either --at or --resolution, not both.")
     model = Forecaster.load(run_dir, batch_size=batch_size)
-    with open_dataset(input_path) as ds:
-        if TIME_DIM in ds.dims and ds.sizes[TIME_DIM] > 1:
-            ds = ds.isel({TIME_DIM: [0]})
-        initial = ds.load()
+    era5_config = _era5_dataset_config(model.config, input_path)
+    if era5_config is not None and not _holds_variables(input_path, model.variables):
+        from enfpde.data.era5 import initial_states
+
+        initial = initial_states(input_path, era5_config, init_time)
+    else:
+        if init_time is not None:
+            raise ValueError(
+                "--init-time selects the analysis time of a raw ERA5 file for a model trained on ERA5; this input "
+                "is a trajectory file (or the model was not trained on ERA5): its first time is used."
+            )
+        with open_dataset(input_path) as ds:
+            if TIME_DIM in ds.dims and ds.sizes[TIME_DIM] > 1:
+                ds = ds.isel({TIME_DIM: [0]})
+            initial = ds.load()
     location = None
     if at is not None:
         with open_dataset(at) as grid:
@@ -232,6 +248,32 @@ def forecast_file(
     forecast.to_netcdf(tmp, engine="netcdf4")
     os.replace(tmp, output_path)
     return output_path
+
+
+def _era5_dataset_config(config: RunConfig, input_path):
+    """The ERA5 dataset config a run was trained on (recorded in its training file, else its dataset YAML), with
+    ``source`` set to ``input_path``; None for a run not trained on ERA5."""
+    from enfpde.data import dataset_generator
+    from enfpde.data.era5 import dataset_config_of, load_config as load_era5_config
+
+    recorded = dataset_config_of(config.data.train) if config.data.train else None
+    if recorded is not None:
+        return load_era5_config(recorded, overrides={"source": str(Path(input_path).absolute())})
+    if config.dataset:
+        yaml_path = Path(config.dataset)
+        yaml_path = yaml_path if yaml_path.exists() else REPOSITORY_ROOT / yaml_path
+        if yaml_path.exists() and dataset_generator(yaml_path) == "era5":
+            return load_era5_config(yaml_path, overrides={"source": str(Path(input_path).absolute())})
+    return None
+
+
+def _holds_variables(path, variables: Sequence[str]) -> bool:
+    """Whether ``path`` is a netCDF/zarr file holding every one of ``variables`` (a trajectory file)."""
+    try:
+        with open_dataset(path) as ds:
+            return all(v in ds.data_vars for v in variables)
+    except (OSError, ValueError):  # e.g. GRIB, which only the ERA5 reader opens
+        return False
 
 
 def ensure_dataset(config: RunConfig, *, progress: bool = True) -> None:
@@ -331,7 +373,8 @@ def _summary_table(run_dir: Path, out_name: str = EVAL_DIR) -> str:
         if path.exists():
             s = json.loads(path.read_text())["settings"]["standard"]
             m, p = s["model"], s["persistence"]
-            lines.append(f"| {split} | {m['t_in']:.3e} | {m['t_out']:.3e} | {p['t_in']:.3e} | {p['t_out']:.3e} |")
+            cells = [m["t_in"], m["t_out"], p["t_in"], p["t_out"]]  # None: no frame beyond (or inside) the horizon
+            lines.append(f"| {split} | " + " | ".join("—" if v is None else f"{v:.3e}" for v in cells) + " |")
     return "\n".join(lines)
 
 

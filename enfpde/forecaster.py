@@ -318,10 +318,10 @@ class XarrayForecast:
         if TIME_DIM in ds.coords and ds[TIME_DIM].size == 1:
             t0 = ds[TIME_DIM].values.reshape(-1)[0]
             if np.issubdtype(np.asarray(t0).dtype, np.datetime64):
-                if not self.time_units.startswith("hours since"):
+                if self.time_units.split(" since ")[0].strip() not in ("hours", "hour", "h"):
                     raise ValueError(
                         f"the initial time is a date ({t0}) but the model was trained with times in "
-                        f"'{self.time_units}', not dates: give a numeric initial time or none."
+                        f"'{self.time_units}', not hours: give a numeric initial time or none."
                     )
                 return t0 + (lead * 3600.0).astype("timedelta64[s]")
             return float(t0) + lead

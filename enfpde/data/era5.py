@@ -55,8 +55,10 @@ __all__ = [
     "TimeRange",
     "VARIABLES",
     "attach_normalization",
+    "dataset_config_of",
     "generate_dataset",
     "generate_split",
+    "initial_states",
     "load_config",
     "normalization",
     "normalizer",
@@ -866,6 +868,58 @@ def windows(fields: xr.Dataset, lead_hours: float, num_frames: int, start_every_
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
+# ------------------------------------------------------------------------------------------------ forecasts
+
+
+def initial_states(path: str | os.PathLike, config: "Era5Config", init_time=None) -> xr.Dataset:
+    """Initial states for a forecast, read from an ERA5 file as users get it (any format :func:`open_era5` reads)
+    and selected like the dataset ``config`` a model was trained on: the same fields, levels, members, box and
+    subsampling, at one analysis time.
+
+    Args:
+      path: a GRIB/netCDF file, zarr store or directory.
+      config: the training dataset's config (its splits and source are not used).
+      init_time: the analysis time to start from (ISO string or datetime64); None: the file's first time.
+
+    Returns:
+      The fields ``[trajectory, time=1, latitude, longitude]``, one trajectory per ensemble member (the
+      ``trajectory`` coordinate holds the member numbers; a single trajectory 0 without members), ``time``
+      the analysis time (datetime64), ready for :meth:`enfpde.forecaster.Forecaster.forecast`.
+
+    Raises:
+      Era5Error: the file lacks a field, level, member or the time (see :func:`select`).
+    """
+    data = open_era5(path)
+    if init_time is None:
+        init_time = data["time"].values[0]
+    selection = dataclasses.replace(
+        config.selection("train"), start=_as_datetime(init_time, "init_time"), end=_as_datetime(init_time, "init_time"), stride=1
+    )
+    fields = to_fields(select(data, selection)).load()
+    if "member" in fields.dims:
+        fields = fields.rename({"member": TRAJECTORY_DIM})
+    else:
+        fields = fields.expand_dims({TRAJECTORY_DIM: [0]})
+    fields[TRAJECTORY_DIM].attrs.update(long_name="ensemble member number" if "member" in data.dims else "trajectory")
+    return fields.transpose(TRAJECTORY_DIM, TIME_DIM, "latitude", "longitude")
+
+
+def dataset_config_of(path: str | os.PathLike) -> "Era5Config | None":
+    """The :class:`Era5Config` a file written by :func:`generate_dataset` records (its ``config`` attribute), with
+    ``source`` set to the file itself (the original source may have moved); None for any other file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with xr.open_dataset(path, engine="netcdf4") as ds:
+        text = ds.attrs.get("config")
+    if not text:
+        return None
+    raw = OmegaConf.to_container(OmegaConf.create(text))
+    if not isinstance(raw, dict) or raw.get("generator") != GENERATOR:
+        return None
+    return load_config(raw, overrides={"source": str(path.absolute())})
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 
@@ -1009,7 +1063,8 @@ def load_config(source: Union[str, os.PathLike, Mapping, Era5Config], overrides:
             overrides = dict(overrides)
             merged = OmegaConf.merge(merged, {k: v for k, v in overrides.items() if k != "splits"})
             if "splits" in overrides:  # replaces the splits as a whole
-                merged.splits = overrides["splits"]
+                merged.splits = {}
+                merged = OmegaConf.merge(merged, {"splits": overrides["splits"]})
         if not OmegaConf.is_missing(merged, "source"):
             merged.source = _resolve_source(str(merged.source), base)
         return OmegaConf.to_object(merged)  # runs Era5Config.__post_init__, the value checks
