@@ -387,6 +387,25 @@ def test_directory_with_overlapping_files_raises(raw, tmp_path):
         era5.open_era5(tmp_path)
 
 
+def test_directory_of_pressure_level_and_single_level_downloads_is_merged(raw, tmp_path):
+    """The CDS serves pressure-level and single-level variables as separate downloads of the same period."""
+    levels = raw.isel(number=[0])
+    write_cds_new(levels.isel(time=[0, 1]), tmp_path / "pl_day1.nc")
+    write_cds_new(levels.isel(time=[2, 3]), tmp_path / "pl_day2.nc")
+    t2m = (levels["t"].sel(isobaricInhPa=850, drop=True) + 5.0).rename("t2m")
+    single = xr.Dataset({"t2m": t2m.assign_attrs(units="K")}).rename({"time": "valid_time"})
+    single.to_netcdf(tmp_path / "sl_all.nc")
+    ds = era5.open_era5(tmp_path)
+    assert sorted(ds.data_vars) == ["t", "t2m", "z"] and ds.sizes["time"] == 4
+    np.testing.assert_array_equal(ds["t2m"].values[0], t2m.values[0, :, ::-1])  # member 0, latitude flipped
+    short = tmp_path / "short"  # the single-level download one time short of the pressure-level ones
+    short.mkdir()
+    write_cds_new(levels, short / "pl.nc")
+    single.isel(valid_time=[0, 1, 2]).to_netcdf(short / "sl.nc")
+    with pytest.raises(era5.Era5Error, match=r"different sets of variables \[\['t', 'z'\], \['t2m'\]\]"):
+        era5.open_era5(short)
+
+
 def _small(raw):
     return raw.isel(number=[0], time=[0, 1], latitude=slice(0, 5), longitude=slice(0, 6))
 

@@ -227,7 +227,9 @@ def _read_file(path: Path, chunks=None) -> xr.Dataset:
 
 
 def _open_directory(path: Path) -> xr.Dataset:
-    """A directory of netCDF/GRIB files, each canonicalised, concatenated in time order; overlaps raise."""
+    """A directory of netCDF/GRIB files, each canonicalised. Files holding the same variables are concatenated in
+    time order (overlaps raise); groups of different variables, e.g. the pressure-level and the single-level
+    downloads of the same period from the CDS, are merged and must share their times, members and grid."""
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in GRIB_SUFFIXES + NETCDF_SUFFIXES and not p.name.startswith("."))
     if not files:
         found = sorted(p.name for p in path.iterdir())[:10]
@@ -237,7 +239,26 @@ def _open_directory(path: Path) -> xr.Dataset:
         )
     # Without dask, xr.concat would read every file into memory; with it, the result stays lazy.
     chunks = {} if importlib.util.find_spec("dask") is not None else None
-    parts = sorted(((_read_file(f, chunks), f) for f in files), key=lambda p: p[0].time.values[0])
+    groups: dict[frozenset, list] = {}
+    for f in files:
+        ds = _read_file(f, chunks)
+        groups.setdefault(frozenset(map(str, ds.data_vars)), []).append((ds, f))
+    combined = [_concat_in_time(sorted(parts, key=lambda p: p[0].time.values[0]), path) for parts in groups.values()]
+    if len(combined) == 1:
+        return combined[0]
+    try:
+        return xr.merge(combined, join="exact", compat="no_conflicts", combine_attrs="drop_conflicts")
+    except ValueError as error:  # xr.MergeError and alignment errors
+        sets = [sorted(map(str, ds.data_vars)) for ds in combined]
+        raise Era5Error(
+            f"the files of '{path}' hold different sets of variables {sets} whose times, members or grids differ "
+            f"({str(error).splitlines()[0]}); download every set for the same period and grid."
+        ) from None
+
+
+def _concat_in_time(parts: list, path: Path) -> xr.Dataset:
+    """Files of the same variables, sorted by first time, concatenated along time; overlaps and differing
+    member, level or grid axes raise."""
     first, first_file = parts[0]
     for (previous, previous_file), (ds, file) in zip(parts, parts[1:]):
         if ds.time.values[0] <= previous.time.values[-1]:
@@ -245,15 +266,12 @@ def _open_directory(path: Path) -> xr.Dataset:
                 f"files overlap in time: '{previous_file.name}' ends at {_iso(previous.time.values[-1])} and "
                 f"'{file.name}' starts at {_iso(ds.time.values[0])} in '{path}'; remove duplicated times."
             )
-        if set(ds.data_vars) != set(first.data_vars):
-            raise Era5Error(
-                f"'{file.name}' has variables {sorted(ds.data_vars)} but '{first_file.name}' has "
-                f"{sorted(first.data_vars)}; all files of '{path}' must hold the same variables."
-            )
         for dim in ("member", "level", "latitude", "longitude"):
             a, b = first.coords.get(dim), ds.coords.get(dim)
             if (a is None) != (b is None) or (a is not None and not np.array_equal(a.values, b.values)):
                 raise Era5Error(f"'{file.name}' and '{first_file.name}' in '{path}' differ in their '{dim}' axis.")
+    if len(parts) == 1:
+        return first
     return xr.concat([p[0] for p in parts], dim=TIME_DIM, data_vars="all", coords="minimal", compat="override", join="exact")
 
 
