@@ -713,13 +713,17 @@ def to_fields(ds: xr.Dataset) -> xr.Dataset:
     Returns:
       A Dataset of float32 fields ``[member?, time, latitude, longitude]`` in the units of ERA5, named
       ``<short><level>`` for pressure-level variables (levels in ``ds``'s order) and ``<short>`` for single-level
-      ones, with attrs ``long_name``, ``units`` and, on pressure levels, ``level`` (hPa). Lazy where ``ds`` is.
+      ones, with attrs ``long_name``, ``units`` and, on pressure levels, ``level`` (hPa). The data is read into
+      memory here (each variable once): select first.
     """
     fields: dict[str, xr.DataArray] = {}
     for name, da in ds.data_vars.items():
         base = {"long_name": da.attrs.get("long_name", name), "units": da.attrs.get("units", "1")}
+        # Read each variable once, all its levels together: a store's chunks hold every level, so reading level
+        # by level would decompress each chunk once per level.
+        da = da.astype(np.float32, copy=False).load()
         if "level" in da.dims:
-            parts = [(f"{name}{int(lv)}", da.sel(level=lv, drop=True), int(lv)) for lv in ds["level"].values]
+            parts = [(f"{name}{int(lv)}", da.isel(level=i, drop=True), int(lv)) for i, lv in enumerate(ds["level"].values)]
         else:
             parts = [(str(name), da, None)]
         for field, values, level in parts:
@@ -728,7 +732,7 @@ def to_fields(ds: xr.Dataset) -> xr.Dataset:
             attrs = dict(base)
             if level is not None:
                 attrs.update(long_name=f"{base['long_name']} at {level} hPa", level=np.int64(level), level_units="hPa")
-            fields[field] = values.astype(np.float32).assign_attrs(attrs)
+            fields[field] = values.assign_attrs(attrs)
     return xr.Dataset(fields, attrs=dict(ds.attrs))
 
 
@@ -750,11 +754,11 @@ def normalization(fields: xr.Dataset) -> dict[str, dict[str, float]]:
     """
     stats = {}
     for name, da in fields.data_vars.items():
-        values = np.asarray(da.values, np.float64)
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:
+        values = np.asarray(da.values)
+        if not np.isfinite(values).any():
             raise Era5Error(f"cannot normalise '{name}': it has no finite value in the selection.")
-        mean, std = float(finite.mean()), float(finite.std())
+        # float64 accumulation without a float64 copy of the field (a year of hourly fields is gigabytes)
+        mean, std = float(np.nanmean(values, dtype=np.float64)), float(np.nanstd(values, dtype=np.float64))
         if not std > 0:
             raise Era5Error(f"cannot normalise '{name}': it is constant ({mean:g}) over the selection; select more times or points.")
         stats[str(name)] = {"mean": mean, "std": std}
