@@ -2,9 +2,9 @@
 rotations about the polar axis), report reconstruction and forecast errors beside persistence.
 
     python experiments/era5.py --preset quick                          # the real sample beside the project, minutes
-    python experiments/era5.py --preset hourly --source /data/era5_1deg.zarr          # WeatherBench2-style zarr
-    python experiments/era5.py --preset hourly --source downloads/ --lead-hours 6     # a directory of CDS files
-    python experiments/era5.py --preset hourly --source era5.zarr era5.coarsen=2 train.stage2.epochs=50
+    python experiments/era5.py --source /data/era5_1deg.zarr              # hourly preset, 1-hour lead: a WB2-style zarr
+    python experiments/era5.py --source downloads/ --lead-hours 6         # a directory of CDS files, 6-hour lead
+    python experiments/era5.py --source era5.zarr era5.coarsen=2 train.stage2.epochs=50
 
 Steps: the dataset YAML ``datasets/era5_<preset>.yaml`` (with ``--source``, ``--lead-hours`` and ``era5.KEY=VALUE``
 overrides) is cut into ``<data-dir>/{train,test}.nc`` by :mod:`enfpde.data.era5` (reused when they exist and
@@ -174,7 +174,10 @@ def era5_markdown(runs: dict[str, Path], config: era5.Era5Config, *, title: str,
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="quick", help="quick (the sample), hourly (a real archive), or a dataset YAML")
+    parser.add_argument(
+        "--preset", default="hourly",
+        help="hourly (default: an archive given by --source, 1-hour lead time), quick (the sample), or a dataset YAML",
+    )
     parser.add_argument("--run-preset", default=None, help="run config preset (default experiments/configs/era5_<preset>.yaml)")
     parser.add_argument("--source", default=None, help="ERA5 file, directory of files or zarr store (default: the preset's)")
     parser.add_argument("--lead-hours", type=float, default=None, help="lead time in hours (default: the preset's; hourly: 1)")
@@ -188,6 +191,9 @@ def main(argv=None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="era5.KEY=VALUE (dataset) or SECTION.KEY=VALUE (run config)")
     args = parser.parse_args(argv)
+    if args.preset == "hourly" and args.source is None:
+        parser.error("the hourly preset reads your ERA5 archive: give --source PATH (a zarr store, a directory of CDS "
+                     "files or one file), or run --preset quick on the sample beside the project.")
     command = "python experiments/era5.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     dataset_overrides = [o[len(DATASET_PREFIX):] for o in args.overrides if o.startswith(DATASET_PREFIX)]
     run_overrides_cli = [o for o in args.overrides if not o.startswith(DATASET_PREFIX)]

@@ -140,3 +140,9 @@ def test_forecast_errors_name_the_missing_time_and_the_misused_option(archive, e
     with pytest.raises(ValueError, match="--init-time"):
         forecast_file(run, experiment / "data" / "test.nc", tmp_path / "y.nc", times=[1.0], init_time="2020-01-01T22")
     assert not (tmp_path / "x.nc").exists() and not (tmp_path / "y.nc").exists()
+
+
+def test_the_default_hourly_preset_needs_a_source(capsys):
+    with pytest.raises(SystemExit) as error:
+        _experiment_module().main([])
+    assert error.value.code == 2 and "give --source PATH" in capsys.readouterr().err
