@@ -45,7 +45,7 @@ import xarray as xr
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from enfpde.data.trajectories import TIME_DIM, TRAJECTORY_DIM, Normalizer, write_netcdf_atomic
+from enfpde.data.trajectories import TIME_DIM, TRAJECTORY_DIM, Normalizer, read_config_source, write_netcdf_atomic
 
 __all__ = [
     "Era5Config",
@@ -1063,21 +1063,7 @@ def load_config(source: Union[str, os.PathLike, Mapping, Era5Config], overrides:
       ValueError: naming the file and the offending key or value (also a missing required key: ``source``,
         ``variables``, ``lead_hours``, ``num_frames``, ``splits``), or a relative ``source`` found nowhere.
     """
-    base = None
-    if isinstance(source, Era5Config):
-        where = f"config {source.name!r}"
-        user = OmegaConf.structured(source)
-    elif isinstance(source, Mapping):
-        where = "dataset config"
-        user = OmegaConf.create(dict(source))
-    else:
-        where = f"dataset config {os.fspath(source)}"
-        if not Path(source).is_file():
-            raise ValueError(f"{where}: no such file.")
-        user = OmegaConf.load(source)
-        base = Path(source).resolve().parent
-        if not isinstance(user, Mapping):
-            raise ValueError(f"{where}: expected a mapping at the top level, found a list.")
+    where, user, base = read_config_source(source, Era5Config)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Era5Config), user)
         OmegaConf.set_readonly(merged, False)  # a frozen dataclass gives a read-only config

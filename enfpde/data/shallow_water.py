@@ -85,7 +85,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from enfpde.data.navier_stokes import SeedMode, split_seeds
-from enfpde.data.trajectories import write_netcdf_atomic
+from enfpde.data.trajectories import read_config_source, write_netcdf_atomic
 
 Array = jax.Array
 
@@ -785,19 +785,7 @@ def load_config(
     Raises:
       ValueError: naming the file and the offending key or value.
     """
-    if isinstance(source, ShallowWaterConfig):
-        where = f"config {source.name!r}"
-        user = OmegaConf.structured(source)
-    elif isinstance(source, Mapping):
-        where = "dataset config"
-        user = OmegaConf.create(dict(source))
-    else:
-        where = f"dataset config {os.fspath(source)}"
-        if not Path(source).is_file():
-            raise ValueError(f"{where}: no such file.")
-        user = OmegaConf.load(source)
-        if not isinstance(user, Mapping):
-            raise ValueError(f"{where}: expected a mapping at the top level, found a list.")
+    where, user, _ = read_config_source(source, ShallowWaterConfig)
     try:
         if overrides:
             user = OmegaConf.merge(user, OmegaConf.create(dict(overrides)))

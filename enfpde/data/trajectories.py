@@ -22,11 +22,13 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import xarray as xr
+from omegaconf import DictConfig, OmegaConf
 
 TRAJECTORY_DIM = "trajectory"
 TIME_DIM = "time"
@@ -368,6 +370,29 @@ def write_netcdf_atomic(dataset: xr.Dataset, target: Path, fields: Sequence[str]
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def read_config_source(source, config_type: type) -> tuple[str, DictConfig, Optional[Path]]:
+    """The raw node of a dataset config given as a ``config_type`` instance, a mapping or a YAML path.
+
+    Returns ``(where, node, base)``: ``where`` names the source for error messages ("config 'name'",
+    "dataset config", "dataset config path.yaml"), ``node`` is the unvalidated OmegaConf node, and ``base`` is
+    the YAML file's directory (``None`` for a config or a mapping), against which relative paths in it resolve.
+
+    Raises:
+      ValueError: a path that is no file, or a YAML file whose top level is not a mapping.
+    """
+    if isinstance(source, config_type):
+        return f"config {source.name!r}", OmegaConf.structured(source), None
+    if isinstance(source, Mapping):
+        return "dataset config", OmegaConf.create(dict(source)), None
+    where = f"dataset config {os.fspath(source)}"
+    if not Path(source).is_file():
+        raise ValueError(f"{where}: no such file.")
+    node = OmegaConf.load(source)
+    if not isinstance(node, Mapping):
+        raise ValueError(f"{where}: expected a mapping at the top level, found a list.")
+    return where, node, Path(source).resolve().parent
 
 
 def _json_default(o):
