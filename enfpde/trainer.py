@@ -158,10 +158,9 @@ class Trainer:
         self.devices = list(devices) if devices is not None else jax.local_devices()
         self._check_divisible()
         self.modules = build_modules(config.model, self.geometry, len(self.train_data.variables), tc.seed)
-        # A train step decodes its num_points in one piece: chunks (lax.map) inside the second-order gradient
-        # keep every chunk's residuals anyway. On the ERA5 quick preset at 4096 points the chunked stage-1 step
-        # took 21.3 s and 15.1 GB, in one piece 7.8 s and 3.2 GB. Training memory is bounded by num_points and
-        # num_microbatches; model.chunk_size bounds decoding without gradients (evaluation, forecasts).
+        # Train steps decode their num_points in one piece: lax.map chunks under the second-order gradient keep
+        # every chunk's residuals anyway and cost time and memory (figures in experiments/README.md, ERA5).
+        # num_points and num_microbatches bound training memory; model.chunk_size bounds gradient-free decoding.
         self.modules[0].chunk_size = None
         self.has_missing = not bool(self.train_data.mask[:, :horizon].all())
         self.schedule = Schedule(self.sampler.steps_per_epoch, (tc.stage1.epochs, tc.stage2.epochs, tc.joint.epochs))
