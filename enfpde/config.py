@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +51,17 @@ class ModelConfig:
     latent_dim: int = 16
     num_hidden: int = 128
     num_heads: int = 2
-    num_frequencies: int = 16
+    num_frequencies: int = 64
     query_std: float = 0.05
     value_std: float = 0.1
+    # The parts of the decoder that the released ENF-PDE code has beyond the lean sketch of the paper (see
+    # enfpde.field); each can be switched off, which the stage-1 ablation measures.
+    context_stem: bool = True
+    full_width_heads: bool = True
+    embedding_mlp: bool = True
+    value_ffn: bool = True
+    value_mixer: bool = True
+    deep_head: bool = True
     k_nearest: Optional[int] = None
     chunk_size: int = 512
     width_factor: float = 1.0
@@ -95,12 +103,14 @@ class TrainConfig:
 
     Stage 1 fits the decoder and the Meta-SGD step sizes on every frame of the horizon; stage 2 the dynamics
     with the rest frozen; the optional joint stage fine-tunes everything on the trajectory loss.
-    ``batch_size`` counts trajectories (stage 1 uses all their horizon frames); ``num_points`` is the random
-    subset of points per step. ``checkpoint_every`` is in steps.
+    ``batch_size`` counts trajectories; ``num_points`` is the random subset of points per step.
+    ``stage1_frames`` is how many random frames of the horizon each trajectory contributes to a stage-1 step
+    (the released code fits 2; ``None``: every horizon frame). ``checkpoint_every`` is in steps.
     """
 
     batch_size: int = 8
     num_points: Optional[int] = 512
+    stage1_frames: Optional[int] = None
     stage1: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(400, 1e-4))
     stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(1600, 1e-3))
     joint: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(0, 1e-5))
@@ -172,10 +182,35 @@ def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | 
         raise ConfigError(f"invalid configuration: {error}") from None
 
 
+# The decoder switches' values for a run saved before they existed: such runs have the lean decoder.
+LEAN_DECODER = {
+    "context_stem": False,
+    "full_width_heads": False,
+    "embedding_mlp": False,
+    "value_ffn": False,
+    "value_mixer": False,
+    "deep_head": False,
+}
+
+
 def config_from_yaml(path: str | os.PathLike) -> RunConfig:
     """Read a saved ``config.yaml``: merged onto the defaults, so unknown keys and wrong types are errors and a
-    field it lacks takes its default (runs save every field)."""
-    return load_config(Path(path))
+    field it lacks takes its default (runs save every field), except the decoder switches: a run saved before
+    they existed was trained with the lean decoder and is read as such."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no config file at '{path}'.")
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as error:  # YAML syntax errors come in several types
+        raise ConfigError(f"{path}: not a readable YAML config ({error}).") from None
+    model = saved.get("model") if isinstance(saved, DictConfig) else None
+    if isinstance(model, DictConfig) and not any(k in model for k in LEAN_DECODER):
+        saved = OmegaConf.merge(saved, {"model": LEAN_DECODER})
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), saved))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid configuration in {path}: {error}") from None
 
 
 def to_yaml(config: RunConfig) -> str:

@@ -2,20 +2,30 @@
 
 For a query ``x`` and latents ``z = {(p_i, c_i, s_i)}`` the decoder computes, per head ``h``,
 
-    a_i      = a(x, p_i)                                       (geometry.bi_invariant)
-    q_i      = W_q phi_q(a_i),   k_i = W_k c_i                 (query from the bi-invariant only)
+    a_i      = a(x, p_i)                                        (geometry.bi_invariant)
+    u_i      = LayerNorm(W_s c_i)                               (context stem)
+    q_i      = W_q e_q(a_i),   k_i = W_k u_i                    (query from the bi-invariant only)
     logit_i  = q_i . k_i / sqrt(d_head) - dist(x, p_i)^2 / s_i^2
-    v_i      = (W_v c_i) * (1 + gamma(a_i)) + beta(a_i),       (gamma, beta) = W_gb phi_v(a_i)
-    y        = sum_i softmax_i(logit) v_i,      f(x; z) = MLP(y)
+    v_i      = mix((W_v u_i) * (1 + gamma_i) + beta_i),         (gamma_i, beta_i) = FFN(e_v(a_i))
+    y        = sum_i softmax_i(logit) v_i,      f(x; z) = head(y)
 
-with ``phi_q``, ``phi_v`` random-Fourier-feature embeddings ``[sin, cos](2 pi a B)``, ``B ~ N(0, std^2)``
-(fixed, separate standard deviations) followed by a hidden layer. Since every term sees the pose only
-through ``a(x, p_i)`` and ``dist(x, p_i)``, the field is steerable: ``f(g^-1 x; z) = f(x; g z)``.
+``e_q``, ``e_v`` embed the bi-invariant: random Fourier features ``[sin, cos](2 pi a B)`` with fixed
+``B ~ N(0, std^2)`` (separate standard deviations), then Dense-ReLU-Dense. ``mix`` is a pointwise FFN on each
+(query, latent) value, and ``head`` is an output projection, a pointwise FFN and a 3-layer GELU MLP. Every
+head is ``num_hidden`` wide. This is the size of the released ENF-PDE decoder (531k trainable parameters at
+the Navier-Stokes config), which learns stage 1 about twice as fast per step as the lean form the package
+shipped first. Each part can be switched back to its lean form (``context_stem``, ``full_width_heads``,
+``embedding_mlp``, ``value_ffn``, ``value_mixer``, ``deep_head``, ``num_frequencies``), which is what the
+stage-1 ablation in experiments/results/ measures; all switches off with 16 frequencies is the lean decoder.
 
-Two exact rewritings keep the per-(query, latent) work small (see ``_attend``): the query projection is
-folded into the keys, ``q_i . k_i = h_i . (W_q^T k_i) + b_q . k_i`` (one ``[hidden] x [heads]`` product per
-pair instead of ``[hidden] x [hidden]``), and the additive shift is applied after the attention sum,
-``sum_i att_i beta(a_i) = W_beta (sum_i att_i h_i) + b_beta`` (per query instead of per pair).
+Since every term sees the pose only through ``a(x, p_i)`` and ``dist(x, p_i)``, the field is steerable:
+``f(g^-1 x; z) = f(x; g z)``.
+
+Two exact rewritings keep the per-(query, latent) work small (see ``_decode``): the query's linear layers are
+folded into the keys, ``q_i . k_i = h_i . (W^T k_i) + b . k_i`` with ``h_i`` the last hidden activation of
+``e_q`` (one ``[hidden] x [heads]`` product per pair instead of ``[hidden] x [heads x d_head]``), and without
+the value mixer the additive shift ``beta`` is linear in its input ``u``, so it is applied after the
+attention sum, ``sum_i att_i (W u_i + b) = W (sum_i att_i u_i) + b`` (per query instead of per pair).
 
 Reference: Wessels, Knigge et al., "Grounding Continuous Representations in Geometry: Equivariant Neural
 Fields" (arXiv 2406.05753); Knigge, Wessels et al., NeurIPS 2024 (arXiv 2406.06660).
@@ -33,6 +43,10 @@ from enfpde.geometry import Geometry
 from enfpde.latents import Latents
 
 Array = jax.Array
+
+# He initialisation for the ReLU layer of the embeddings (fan-in, variance 2): with LeCun's variance 1 the
+# ReLU halves the signal's energy at every pair from the first step.
+_he_normal = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 class FourierFrequencies(nnx.Variable):
@@ -56,6 +70,47 @@ class RandomFourierFeatures(nnx.Module):
         return jnp.sin(2.0 * jnp.pi * (a @ jnp.concatenate([freqs, freqs], axis=1)) + offset)
 
 
+class InvariantEmbedding(nnx.Module):
+    """Embedding of a bi-invariant ``[..., A] -> [..., hidden]``: Fourier features, then ``Dense-ReLU-Dense``
+    (``mlp=True``) or ``Dense-GELU`` (``mlp=False``, the lean form).
+
+    ``hidden_activation`` returns the last non-linear activation, so that a linear layer applied to the
+    embedding can be folded into whatever consumes it (the attention keys); ``output_layer`` is the linear
+    map from it to the embedding (``None`` when ``mlp=False``).
+    """
+
+    def __init__(self, in_dim: int, num_hidden: int, num_frequencies: int, std: float, *, mlp: bool, rngs: nnx.Rngs):
+        self.features = RandomFourierFeatures(in_dim, num_frequencies, std, rngs=rngs)
+        self.mlp = mlp
+        init = _he_normal if mlp else nnx.initializers.lecun_normal()
+        self.hidden = nnx.Linear(2 * num_frequencies, num_hidden, kernel_init=init, rngs=rngs)
+        self.output_layer = nnx.Linear(num_hidden, num_hidden, rngs=rngs) if mlp else None
+
+    def hidden_activation(self, a: Array) -> Array:
+        h = self.hidden(self.features(a))
+        return jax.nn.relu(h) if self.mlp else jax.nn.gelu(h)
+
+    def __call__(self, a: Array) -> Array:
+        h = self.hidden_activation(a)
+        return h if self.output_layer is None else self.output_layer(h)
+
+
+class PointwiseFFN(nnx.Module):
+    """``x -> W_2 LayerNorm(GELU(W_1 x))`` on the last axis: ``[..., num_in] -> [..., num_out]``."""
+
+    def __init__(self, num_in: int, num_hidden: int, num_out: int, *, rngs: nnx.Rngs):
+        self.inner = nnx.Linear(num_in, num_hidden, rngs=rngs)
+        self.norm = nnx.LayerNorm(num_hidden, rngs=rngs)
+        self.outer = nnx.Linear(num_hidden, num_out, rngs=rngs)
+
+    def hidden(self, x: Array) -> Array:
+        """The input of the last (linear) layer."""
+        return self.norm(jax.nn.gelu(self.inner(x)))
+
+    def __call__(self, x: Array) -> Array:
+        return self.outer(self.hidden(x))
+
+
 class EquivariantNeuralField(nnx.Module):
     """Cross-attention decoder ``f(x; z)`` conditioned only on bi-invariants (see the module docstring).
 
@@ -63,16 +118,25 @@ class EquivariantNeuralField(nnx.Module):
         geometry: the domain and its symmetry group.
         num_out: number of output channels ``C``.
         latent_dim: dimension of the context vectors ``c_i``.
-        num_hidden: attention width (split over heads) and width of the embeddings and output MLP.
-        num_heads: attention heads; ``num_hidden`` must be divisible by it.
+        num_hidden: width of the embeddings, the context stem, each head (``full_width_heads``) and the head.
+        num_heads: attention heads.
         num_frequencies: random Fourier frequencies per embedding (features = 2 x this).
         query_std, value_std: standard deviation of the query and value embedding frequencies, in units of
             cycles per unit of the bi-invariant.
+        context_stem: map contexts through ``Dense(num_hidden)`` and LayerNorm before keys and values;
+            False: keys and values straight from the contexts.
+        full_width_heads: every head is ``num_hidden`` wide; False: ``num_hidden`` is split over the heads
+            (then it must be divisible by ``num_heads``).
+        embedding_mlp: the bi-invariant embeddings are Dense-ReLU-Dense after the Fourier features;
+            False: one Dense-GELU layer.
+        value_ffn: ``(gamma, beta)`` from a pointwise FFN of the value embedding; False: a linear map.
+        value_mixer: a pointwise FFN on each modulated (query, latent) value of each head; False: none.
+        deep_head: after the attention, an output projection, a pointwise FFN, GELU and the MLP
+            ``[Dense(hidden), GELU, Dense(hidden), GELU, Dense(C)]``; False: ``[Dense(hidden), GELU, Dense(C)]``.
         k_nearest: attend to the ``k`` latents with the largest window term only (for large ``N``); ``None``
             attends to all.
         chunk_size: decode at most this many query points at a time (``lax.map`` over chunks), so memory is
-            bounded by the chunk size; ``None`` decodes all at once. The default, 512, is also the fastest
-            measured on a 2-core CPU for a 64 x 64 batch of 8 (the pairwise arrays of a chunk stay in cache).
+            bounded by the chunk size; ``None`` decodes all at once.
         rngs: random streams for the initialisation.
     """
 
@@ -84,15 +148,24 @@ class EquivariantNeuralField(nnx.Module):
         latent_dim: int,
         num_hidden: int = 128,
         num_heads: int = 2,
-        num_frequencies: int = 16,
+        num_frequencies: int = 64,
         query_std: float = 0.05,
         value_std: float = 0.1,
+        context_stem: bool = True,
+        full_width_heads: bool = True,
+        embedding_mlp: bool = True,
+        value_ffn: bool = True,
+        value_mixer: bool = True,
+        deep_head: bool = True,
         k_nearest: int | None = None,
         chunk_size: int | None = 512,
         rngs: nnx.Rngs,
     ):
-        if num_hidden % num_heads:
-            raise ValueError(f"num_hidden ({num_hidden}) must be divisible by num_heads ({num_heads}).")
+        if not full_width_heads and num_hidden % num_heads:
+            raise ValueError(
+                f"num_hidden ({num_hidden}) must be divisible by num_heads ({num_heads}) when heads split the width "
+                f"(full_width_heads=False)."
+            )
         if k_nearest is not None and k_nearest < 1:
             raise ValueError(f"k_nearest must be a positive integer or None, found {k_nearest}.")
         if chunk_size is not None and chunk_size < 1:
@@ -100,20 +173,34 @@ class EquivariantNeuralField(nnx.Module):
         self.geometry = geometry
         self.num_out, self.latent_dim = num_out, latent_dim
         self.num_hidden, self.num_heads = num_hidden, num_heads
+        self.head_dim = num_hidden if full_width_heads else num_hidden // num_heads
         self.k_nearest, self.chunk_size = k_nearest, chunk_size
+        E, HD = num_hidden, num_heads * self.head_dim
 
         a_dim = geometry.invariant_dim
-        self.query_features = RandomFourierFeatures(a_dim, num_frequencies, query_std, rngs=rngs)
-        self.query_hidden = nnx.Linear(2 * num_frequencies, num_hidden, rngs=rngs)
-        self.query_out = nnx.Linear(num_hidden, num_hidden, rngs=rngs)
-        self.value_features = RandomFourierFeatures(a_dim, num_frequencies, value_std, rngs=rngs)
-        self.value_hidden = nnx.Linear(2 * num_frequencies, num_hidden, rngs=rngs)
-        self.value_gamma = nnx.Linear(num_hidden, num_hidden, rngs=rngs)
-        self.value_beta = nnx.Linear(num_hidden, num_hidden, rngs=rngs)
-        self.key = nnx.Linear(latent_dim, num_hidden, rngs=rngs)
-        self.value = nnx.Linear(latent_dim, num_hidden, rngs=rngs)
-        self.out_hidden = nnx.Linear(num_hidden, num_hidden, rngs=rngs)
-        self.out = nnx.Linear(num_hidden, num_out, rngs=rngs)
+        self.query_embedding = InvariantEmbedding(a_dim, E, num_frequencies, query_std, mlp=embedding_mlp, rngs=rngs)
+        self.value_embedding = InvariantEmbedding(a_dim, E, num_frequencies, value_std, mlp=embedding_mlp, rngs=rngs)
+        self.query = nnx.Linear(E, HD, rngs=rngs)
+        if context_stem:
+            self.stem = nnx.Linear(latent_dim, E, rngs=rngs)
+            self.stem_norm = nnx.LayerNorm(E, rngs=rngs)
+        else:
+            self.stem = self.stem_norm = None
+        context_width = E if context_stem else latent_dim
+        self.key = nnx.Linear(context_width, HD, rngs=rngs)
+        self.value = nnx.Linear(context_width, HD, rngs=rngs)
+        self.modulation = PointwiseFFN(E, E, 2 * HD, rngs=rngs) if value_ffn else nnx.Linear(E, 2 * HD, rngs=rngs)
+        self.mixer = PointwiseFFN(self.head_dim, self.head_dim, self.head_dim, rngs=rngs) if value_mixer else None
+        if deep_head:
+            self.head = nnx.List([
+                nnx.Linear(HD, HD, rngs=rngs),  # output projection of the heads
+                PointwiseFFN(HD, HD, HD, rngs=rngs),
+                nnx.Linear(HD, E, rngs=rngs),
+                nnx.Linear(E, E, rngs=rngs),
+                nnx.Linear(E, num_out, rngs=rngs),
+            ])
+        else:
+            self.head = nnx.List([nnx.Linear(HD, E, rngs=rngs), nnx.Linear(E, num_out, rngs=rngs)])
 
     # ------------------------------------------------------------------------------------------------
     def __call__(self, coords: Array, z: Latents) -> Array:
@@ -159,28 +246,46 @@ class EquivariantNeuralField(nnx.Module):
         if coords.ndim == 3 and coords.shape[0] not in (1, B):
             raise ValueError(f"coords: batch size {coords.shape[0]} does not match the latents' batch size {B}.")
 
+    def _contexts(self, contexts: Array) -> Array:
+        """The contexts keys and values are computed from: ``[B, N, latent_dim] -> [B, N, hidden | latent_dim]``."""
+        return contexts if self.stem is None else self.stem_norm(self.stem(contexts))
+
+    def _query_weights(self) -> tuple[Array, Array]:
+        """The query as one affine map of the query embedding's last activation: ``(W [E, H*dh], b [H*dh])``."""
+        w, b = self.query.kernel[...], self.query.bias[...]
+        out = self.query_embedding.output_layer
+        if out is None:
+            return w, b
+        return out.kernel[...] @ w, out.bias[...] @ w + b
+
+    def _head(self, y: Array) -> Array:
+        if len(self.head) == 2:
+            return self.head[1](jax.nn.gelu(self.head[0](y)))
+        projection, ffn, dense1, dense2, out = self.head
+        y = jax.nn.gelu(ffn(projection(y)))
+        return out(jax.nn.gelu(dense2(jax.nn.gelu(dense1(y)))))
+
     def _decode(self, coords: Array, z: Latents) -> Array:
         """``coords [B|1, M, D]`` -> ``[B, M, C]`` without chunking.
 
         Pairwise arrays are laid out ``[B, M, K, F]`` (K latents, all or the k nearest). Contractions are
         row-major GEMMs or fused broadcast-reduces, so no broadcast copy of per-latent keys over the points is
-        ever materialised (an einsum form did that: 170 MB per call at the reference size). XLA:CPU still
-        transposes the pairwise activations for the weight-gradient GEMMs of the backward pass; see
-        benchmarks/results/enf_core.md.
+        ever materialised.
         """
-        H, dh, E = self.num_heads, self.num_hidden // self.num_heads, self.num_hidden
+        H, dh, E = self.num_heads, self.head_dim, self.num_hidden
         B, N = z.poses.shape[:2]
         M = coords.shape[1]
         x = coords[:, :, None]  # [B|1, M, 1, D]
         poses = z.poses[:, None]  # [B, 1, N, P]
         widths = z.widths[:, None]  # [B, 1, N]
-        keys = self.key(z.contexts).reshape(B, N, H, dh)
-        values = self.value(z.contexts)[:, None]  # [B, 1, N, hidden]
+        u = self._contexts(z.contexts)
+        keys = self.key(u).reshape(B, N, H, dh)
+        values = self.value(u)[:, None]  # [B, 1, N, H*dh]
 
-        # Fold the query's output layer into the keys: logit = h . (W_q^T k) + b_q . k (exact).
-        w_q = self.query_out.kernel[...].reshape(E, H, dh)
-        key_dirs = jnp.einsum("ehd,bnhd->bneh", w_q, keys) / math.sqrt(dh)  # [B, N, hidden, H]
-        key_bias = jnp.einsum("hd,bnhd->bnh", self.query_out.bias[...].reshape(H, dh), keys)[:, None] / math.sqrt(dh)
+        # Fold the query's linear layers into the keys: logit = h . (W^T k) + b . k (exact).
+        w_q, b_q = self._query_weights()
+        key_dirs = jnp.einsum("ehd,bnhd->bneh", w_q.reshape(E, H, dh), keys) / math.sqrt(dh)  # [B, N, E, H]
+        key_bias = jnp.einsum("hd,bnhd->bnh", b_q.reshape(H, dh), keys)[:, None] / math.sqrt(dh)  # [B, 1, N, H]
 
         if self.k_nearest is not None:
             # Keep the k latents with the largest window term (nearest in units of their width), per point.
@@ -189,12 +294,12 @@ class EquivariantNeuralField(nnx.Module):
                 jnp.broadcast_to(t, (B, M) + t.shape[2:]), idx.reshape(idx.shape + (1,) * (t.ndim - 3)), axis=2
             )
             poses, widths, key_bias, values = take(poses), take(widths), take(key_bias), take(values)
-            key_dirs = take(key_dirs[:, None])  # [B, M, k, hidden, H]
+            key_dirs = take(key_dirs[:, None])  # [B, M, k, E, H]
         K = poses.shape[2]
 
         a = self.geometry.bi_invariant(x, poses)  # [B, M, K, A]
         window = -self.geometry.squared_distance(x, poses) / widths**2  # [B, M, K]
-        h_q = jax.nn.gelu(self.query_hidden(self.query_features(a)))  # [B, M, K, hidden]
+        h_q = self.query_embedding.hidden_activation(a)  # [B, M, K, E]
         if key_dirs.ndim == 4:
             # One GEMM per field against every latent's key directions, then keep each pair's own latent:
             # K times the (small) flops of the pairwise product, but no broadcast copy of the keys.
@@ -206,33 +311,43 @@ class EquivariantNeuralField(nnx.Module):
         logits = logits + key_bias + window[..., None]  # [B, M, K, H]
         att = jax.nn.softmax(logits, axis=2)  # over latents
 
-        h_v = jax.nn.gelu(self.value_hidden(self.value_features(a)))  # [B, M, K, hidden]
-        modulated = (values * (1.0 + self.value_gamma(h_v))).reshape(B, M, K, H, dh)
-        y = jnp.sum(att[..., None] * modulated, axis=2).reshape(B, M, E)
-        # beta enters linearly: apply it to the attention-weighted hidden state of each head (exact), as one
-        # GEMM with a block-diagonal kernel.
-        h_v_per_head = jnp.sum(att[..., None] * h_v[:, :, :, None, :], axis=2).reshape(B, M, H * E)
-        w_beta = jax.scipy.linalg.block_diag(*jnp.split(self.value_beta.kernel[...], H, axis=1))  # [H*E, hidden]
-        y = y + h_v_per_head @ w_beta + self.value_beta.bias[...]
-
-        y = jax.nn.gelu(self.out_hidden(y))
-        return self.out(y)
+        e_v = self.value_embedding(a)  # [B, M, K, E]
+        if self.mixer is not None:
+            gamma, beta = jnp.split(self.modulation(e_v), 2, axis=-1)
+            modulated = (values * (1.0 + gamma) + beta).reshape(B, M, K, H, dh)
+            y = jnp.sum(att[..., None] * self.mixer(modulated), axis=2)  # [B, M, H, dh]
+        else:
+            # beta = W_beta u + b_beta is linear in u, the input of the modulation's last layer: apply W_beta
+            # to the attention-weighted u of each head (exact), once per query instead of once per pair.
+            last = self.modulation.outer if isinstance(self.modulation, PointwiseFFN) else self.modulation
+            u_mod = self.modulation.hidden(e_v) if isinstance(self.modulation, PointwiseFFN) else e_v
+            w_gamma, w_beta = jnp.split(last.kernel[...], 2, axis=1)
+            b_gamma, b_beta = jnp.split(last.bias[...], 2)
+            gamma = u_mod @ w_gamma + b_gamma
+            modulated = (values * (1.0 + gamma)).reshape(B, M, K, H, dh)
+            y = jnp.sum(att[..., None] * modulated, axis=2)  # [B, M, H, dh]
+            u_per_head = jnp.sum(att[..., None] * u_mod[:, :, :, None, :], axis=2)  # [B, M, H, E]
+            y = y + jnp.einsum("bmhe,ehd->bmhd", u_per_head, w_beta.reshape(E, H, dh)) + b_beta.reshape(H, dh)
+        return self._head(y.reshape(B, M, H * dh))
 
     def decode_reference(self, coords: Array, z: Latents) -> Array:
-        """The same field computed literally as in the module docstring (every pair gets its own query and
-        shift), with full attention and no chunking. Slower; kept to test the fast path against."""
-        H, dh = self.num_heads, self.num_hidden // self.num_heads
+        """The same field computed literally as in the module docstring (every pair gets its own query, key
+        product and shift), with full attention and no chunking. Slower; kept to test the fast path against."""
+        H, dh = self.num_heads, self.head_dim
         if coords.ndim == 2:
             coords = coords[None]
         x, poses = coords[:, :, None, :], z.poses[:, None]
         a = self.geometry.bi_invariant(x, poses)
-        q = self.query_out(jax.nn.gelu(self.query_hidden(self.query_features(a))))
-        k = self.key(z.contexts)[:, None]
+        q = self.query(self.query_embedding(a))
+        u = self._contexts(z.contexts)
+        k = self.key(u)[:, None]
         qk = (q.reshape(q.shape[:3] + (H, dh)) * k.reshape(k.shape[:3] + (H, dh))).sum(-1) / math.sqrt(dh)
         logits = qk - (self.geometry.squared_distance(x, poses) / z.widths[:, None] ** 2)[..., None]
         att = jax.nn.softmax(logits, axis=2)
-        h_v = jax.nn.gelu(self.value_hidden(self.value_features(a)))
-        v = self.value(z.contexts)[:, None] * (1.0 + self.value_gamma(h_v)) + self.value_beta(h_v)
-        y = jnp.einsum("bmkh,bmkhd->bmhd", att, v.reshape(v.shape[:3] + (H, dh)))
-        y = y.reshape(y.shape[:2] + (self.num_hidden,))
-        return self.out(jax.nn.gelu(self.out_hidden(y)))
+        gamma, beta = jnp.split(self.modulation(self.value_embedding(a)), 2, axis=-1)
+        v = self.value(u)[:, None] * (1.0 + gamma) + beta
+        v = v.reshape(v.shape[:3] + (H, dh))
+        if self.mixer is not None:
+            v = self.mixer(v)
+        y = jnp.einsum("bmkh,bmkhd->bmhd", att, v)
+        return self._head(y.reshape(y.shape[:2] + (H * dh,)))

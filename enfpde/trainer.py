@@ -47,6 +47,7 @@ STAGES = ("stage1", "stage2", "joint")
 # optimiser's settings from here on (e.g. after a non-finite loss) or the bookkeeping does not change what
 # the steps already taken mean.
 RESUMABLE_CHANGES = {
+    "train.stage1.epochs",  # only while the run is still in stage 1 (checked in Trainer.run)
     "train.stage2.epochs",
     "train.joint.epochs",
     "train.stage1.learning_rate",
@@ -141,8 +142,8 @@ class Trainer:
         # Everything that can fail is checked before the run directory is touched, so a bad config never
         # costs an existing run or leaves a half-made one behind.
         self.resume = resume
-        self._check_run_dir(config, resume, overwrite)
         self.train_data = TrajectoryDataset.open(config.data.train, config.data.variables)
+        self._check_run_dir(config, resume, overwrite)
         horizon = config.data.horizon
         if not 1 < horizon <= self.train_data.num_frames:
             raise ConfigError(
@@ -177,11 +178,31 @@ class Trainer:
         if resume:
             if not config_path.exists():
                 raise FileNotFoundError(f"cannot resume: '{self.run_dir}' holds no run ({config_path.name} missing).")
-            _check_resumable(config_from_yaml(config_path), config)
+            saved = config_from_yaml(config_path)
+            _check_resumable(saved, config)
+            self._check_stage1_change(saved, config)
         elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
             raise RunExistsError(
                 f"'{self.run_dir}' already holds a run: resume it with --resume, pick another directory, or "
                 f"replace it with --overwrite."
+            )
+
+    def _check_stage1_change(self, saved: RunConfig, requested: RunConfig) -> None:
+        """A resumed run may lengthen or shorten stage 1 only while it is still in stage 1 (its latest
+        checkpoint at or before both ends of stage 1): once the dynamics have trained on a decoder, changing the
+        decoder would make their steps meaningless."""
+        old, new = saved.train.stage1.epochs, requested.train.stage1.epochs
+        if old == new:
+            return
+        steps_per_epoch = self.train_data.num_trajectories // requested.train.batch_size
+        checkpoint_dir = self.run_dir / checkpointing.CHECKPOINT_DIR
+        steps = [int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit()] if checkpoint_dir.exists() else []
+        latest = max(steps, default=0)
+        if latest > min(old, new) * steps_per_epoch:
+            raise ConfigError(
+                f"cannot change train.stage1.epochs from {old} to {new}: the latest checkpoint (step {latest}) is past "
+                f"step {min(old, new) * steps_per_epoch}, where stage 1 would end. Stage 1 can be changed only while the run "
+                f"is still in it; lengthen train.stage2.epochs or train.joint.epochs instead, or start a new run."
             )
 
     def _normalizer(self, resume: bool) -> Normalizer:
@@ -234,12 +255,35 @@ class Trainer:
         n, tc = len(self.devices), self.config.train
         if tc.batch_size % n:
             raise ConfigError(f"train.batch_size = {tc.batch_size} must be divisible by the {n} devices used for data parallelism.")
-        fields = tc.batch_size * self.config.data.horizon
+        horizon = self.config.data.horizon
+        if tc.stage1_frames is not None and not 1 <= tc.stage1_frames <= horizon:
+            raise ConfigError(f"train.stage1_frames = {tc.stage1_frames} must be in [1, {horizon}] (data.horizon) or null.")
+        fields = tc.batch_size * self.stage1_frames
         if fields % tc.num_microbatches:
             raise ConfigError(
                 f"train.num_microbatches = {tc.num_microbatches} must divide the {fields} stage-1 fields per batch "
-                f"(train.batch_size x data.horizon)."
+                f"(train.batch_size x train.stage1_frames)."
             )
+
+    @property
+    def stage1_frames(self) -> int:
+        frames = self.config.train.stage1_frames
+        return self.config.data.horizon if frames is None else frames
+
+    def _stage1_frames(self, values: np.ndarray, mask: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The frames of a batch that stage 1 fits at ``step``: ``[b, T, ...] -> [b * k, ...]``.
+
+        With ``train.stage1_frames = k`` each trajectory contributes ``k`` distinct random frames, a pure
+        function of ``(seed, step)`` like the batch itself; otherwise every frame.
+        """
+        b, t = values.shape[:2]
+        k = self.stage1_frames
+        if k < t:
+            rng = np.random.default_rng([self.config.train.seed, 2, step])
+            idx = np.stack([np.sort(rng.choice(t, k, replace=False)) for _ in range(b)])  # [b, k]
+            values = np.take_along_axis(values, idx.reshape(b, k, *([1] * (values.ndim - 2))), axis=1)
+            mask = np.take_along_axis(mask, idx.reshape(b, k, *([1] * (mask.ndim - 2))), axis=1)
+        return values.reshape((b * k,) + values.shape[2:]), mask.reshape((b * k,) + mask.shape[2:])
 
     def _optimizer(self, stage):
         tc = self.config.train
@@ -350,10 +394,10 @@ class Trainer:
                 coords = self._shard(self.geometry.coords_from_user(batch.coords), False)
                 mask = None
                 if stage == "stage1":
-                    b, t = batch.values.shape[:2]
-                    values = self._shard(batch.values.reshape((b * t,) + batch.values.shape[2:]), True)
+                    values, fields_mask = self._stage1_frames(batch.values, batch.mask, step)
+                    values = self._shard(values, True)
                     if self.has_missing:
-                        mask = self._shard(batch.mask.reshape(b * t, -1), True)
+                        mask = self._shard(fields_mask, True)
                     params, opt_state, loss = self.step1(params, opt_state, rest, coords, values, key, mask)
                 else:
                     values = self._shard(batch.values, True)

@@ -16,8 +16,8 @@ N, D, C = 6, 8, 2
 
 def make_field(geometry, **kwargs):
     # Larger frequency spreads than the defaults so that the test exercises non-linear embeddings.
-    kwargs = {"query_std": 0.5, "value_std": 0.5, **kwargs}
-    return EquivariantNeuralField(geometry, num_out=C, latent_dim=D, num_hidden=32, num_heads=2, rngs=nnx.Rngs(0), **kwargs)
+    kwargs = {"num_hidden": 32, "num_heads": 2, "query_std": 0.5, "value_std": 0.5, **kwargs}
+    return EquivariantNeuralField(geometry, num_out=C, latent_dim=D, rngs=nnx.Rngs(0), **kwargs)
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -77,6 +77,48 @@ def test_fast_path_equals_the_literal_formula(geometry):
     graphdef, state = nnx.split(field)
     reference = jax.jit(lambda s, x, z: nnx.merge(graphdef, s).decode_reference(x, z))(state, x, z)
     assert relative_error(jit_decoder(field)(x, z), reference) < 1e-5
+
+
+LEAN = dict(
+    num_frequencies=16, context_stem=False, full_width_heads=False, embedding_mlp=False, value_ffn=False,
+    value_mixer=False, deep_head=False,
+)
+DECODER_FORMS = {
+    "lean": LEAN,
+    "no_context_stem": {"context_stem": False},
+    "split_heads": {"full_width_heads": False},
+    "lean_embedding": {"embedding_mlp": False},
+    "linear_modulation": {"value_ffn": False},
+    "no_value_mixer": {"value_mixer": False},
+    "no_mixer_linear_modulation": {"value_mixer": False, "value_ffn": False},
+    "shallow_head": {"deep_head": False},
+    "three_heads": {"num_heads": 3},
+}
+
+
+@pytest.mark.parametrize("options", list(DECODER_FORMS.values()), ids=list(DECODER_FORMS))
+def test_every_decoder_form_is_steerable_and_matches_the_literal_formula(options):
+    """Each ablation switch changes the fast path (folded query layers, beta after the attention sum): both
+    must stay exact and steerable. SE(2) poses exercise the orientation in the bi-invariant."""
+    for geometry in (G.Torus(), G.PlaneSE2()):
+        kz, kx, kg = jax.random.split(jax.random.key(4), 3)
+        field = make_field(geometry, **options)
+        z = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)
+        x = geometry.sample_coords(kx, 29)
+        graphdef, state = nnx.split(field)
+        literal = jax.jit(lambda s, x, z: nnx.merge(graphdef, s).decode_reference(x, z))(state, x, z)
+        assert relative_error(jit_decoder(field)(x, z), literal) < 1e-5
+        assert_steerable(field, z, x, kg, rtol=1e-5)
+        assert_steerable(make_field(geometry, k_nearest=3, **options), z, x, kg, rtol=1e-5)
+
+
+def test_released_and_lean_sizes():
+    """The defaults are the released decoder's size (531k trainable parameters at the NS config); all switches
+    off is the lean decoder the package shipped first (79k)."""
+    count = lambda f: sum(x.size for x in jax.tree.leaves(nnx.state(f, nnx.Param)))
+    kwargs = dict(num_out=1, latent_dim=16, num_hidden=128, num_heads=2, rngs=nnx.Rngs(0))
+    assert count(EquivariantNeuralField(G.Torus(), **kwargs)) == 531073
+    assert count(EquivariantNeuralField(G.Torus(), **kwargs, **LEAN)) == 78977
 
 
 def test_output_depends_on_contexts_poses_and_widths():
@@ -149,6 +191,8 @@ def test_wrong_shapes_raise_clear_errors(coords_shape, poses_shape, contexts_sha
 
 def test_bad_constructor_arguments_raise():
     with pytest.raises(ValueError, match="divisible by num_heads"):
-        EquivariantNeuralField(G.Torus(), num_out=1, latent_dim=4, num_hidden=30, num_heads=4, rngs=nnx.Rngs(0))
+        EquivariantNeuralField(
+            G.Torus(), num_out=1, latent_dim=4, num_hidden=30, num_heads=4, full_width_heads=False, rngs=nnx.Rngs(0)
+        )
     with pytest.raises(ValueError, match="k_nearest"):
         EquivariantNeuralField(G.Torus(), num_out=1, latent_dim=4, k_nearest=0, rngs=nnx.Rngs(0))

@@ -133,6 +133,22 @@ def test_config_errors():
         assert load_config(preset).data.geometry == "torus"
 
 
+def test_a_run_saved_before_the_decoder_switches_loads_as_the_lean_decoder(tiny_config, tmp_path):
+    text = to_yaml(tiny_config)
+    old = "\n".join(
+        line for line in text.splitlines()
+        if line.strip().split(":")[0] not in ("context_stem", "full_width_heads", "embedding_mlp", "value_ffn", "value_mixer", "deep_head")
+    )
+    (tmp_path / "old.yaml").write_text(old)
+    model = config_from_yaml(tmp_path / "old.yaml").model
+    assert not any((model.context_stem, model.full_width_heads, model.embedding_mlp, model.value_ffn, model.value_mixer, model.deep_head))
+    (tmp_path / "new.yaml").write_text(text)
+    assert config_from_yaml(tmp_path / "new.yaml") == tiny_config  # saved runs keep their switches
+    (tmp_path / "bad.yaml").write_text(text.replace("num_latents:", "num_latentz:"))
+    with pytest.raises(ConfigError, match=r"invalid configuration in .*bad.yaml.*num_latentz"):
+        config_from_yaml(tmp_path / "bad.yaml")
+
+
 DATA_PARALLEL_SCRIPT = textwrap.dedent(
     """
     import os, sys, json
@@ -215,3 +231,56 @@ def test_a_line_cut_short_by_a_kill_does_not_block_resume(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "lo\n{"step": 1, "loss": 1.0}\n')
     with pytest.raises(ValueError, match="line 1 is not valid JSON"):
         checkpointing.read_metrics(tmp_path)
+
+
+def _with_epochs(config, stage1, stage2, **train):
+    t = config.train
+    return dataclasses.replace(
+        config,
+        train=dataclasses.replace(
+            t, stage1=dataclasses.replace(t.stage1, epochs=stage1), stage2=dataclasses.replace(t.stage2, epochs=stage2), **train
+        ),
+    )
+
+
+def test_resume_lengthens_stage1_to_the_uninterrupted_sequence(tiny_run, tiny_config, tmp_path):
+    """A run trained with a shorter stage 1, resumed with the full schedule, equals the uninterrupted run."""
+    run = tmp_path / "short"
+    train(_with_epochs(tiny_config, 1, 0), run, progress=False)
+    assert [r["stage"] for r in checkpointing.read_metrics(run)] == ["stage1"] * 2
+    Trainer(tiny_config, run, resume=True, progress=False).run()
+    resumed, reference = checkpointing.read_metrics(run), checkpointing.read_metrics(tiny_run)
+    assert [(r["step"], r["stage"]) for r in resumed] == [(r["step"], r["stage"]) for r in reference]
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=1e-6)
+    for x, y in zip(model_leaves(run), model_leaves(tiny_run)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_stage1_cannot_change_once_stage2_has_started(tiny_run, tiny_config, tmp_path):
+    copy = shutil.copytree(tiny_run, tmp_path / "copy")
+    before = (copy / "config.yaml").read_text()
+    for stage1_epochs in (3, 1):
+        with pytest.raises(ConfigError, match=r"cannot change train.stage1.epochs from 2 to %d.*step 8" % stage1_epochs):
+            Trainer(_with_epochs(tiny_config, stage1_epochs, 2), copy, resume=True, progress=False)
+    assert (copy / "config.yaml").read_text() == before  # refused before anything was written
+
+
+def test_stage1_frames_draws_distinct_random_frames_per_trajectory(tiny_config, tmp_path):
+    config = _with_epochs(tiny_config, 1, 0, stage1_frames=2)
+    trainer = Trainer(config, tmp_path / "frames", progress=False)
+    batch = trainer.sampler(0)
+    b, t = batch.values.shape[:2]
+    values, mask = trainer._stage1_frames(batch.values, batch.mask, 0)
+    assert values.shape == (b * 2,) + batch.values.shape[2:] and mask.shape == (b * 2,) + batch.mask.shape[2:]
+    for i in range(b):
+        picked = [next(f for f in range(t) if np.array_equal(values[2 * i + j], batch.values[i, f])) for j in range(2)]
+        assert picked[0] != picked[1]
+    again, _ = trainer._stage1_frames(batch.values, batch.mask, 0)
+    np.testing.assert_array_equal(values, again)  # a pure function of (seed, step)
+    draws = {trainer._stage1_frames(batch.values, batch.mask, s)[0].tobytes() for s in range(6)}
+    assert len(draws) > 1
+    trainer.run()
+    assert len(checkpointing.read_metrics(tmp_path / "frames")) == trainer.schedule.total_steps
+    with pytest.raises(ConfigError, match=r"train.stage1_frames = 5 must be in \[1, 4\]"):
+        Trainer(_with_epochs(tiny_config, 1, 0, stage1_frames=5), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

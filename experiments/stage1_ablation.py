@@ -1,0 +1,219 @@
+"""Stage-1 decoder ablation on Navier-Stokes: which parts of the released decoder make stage 1 learn fast.
+
+Each variant trains stage 1 only, at the released config (`--preset paper`: batch 8 trajectories x 2 random
+frames, 512 points, 4 latents x 16, width 128, 3 second-order inner steps, AdamW 1e-4), for `--steps` steps,
+with one part of the decoder switched to its lean form (see enfpde.field). At every `--eval-every` steps the
+checkpoint is scored the way the issue's side-by-side run scored the reference: the test split's frame 0,
+fitted with the inner steps on the full 64 x 64 grid and decoded on it, MSE in raw units. The training loss
+is reported in raw units too (the normalised loss times the training variance), as a mean of 10 steps.
+
+    python experiments/stage1_ablation.py                                  # every variant, seed 0
+    python experiments/stage1_ablation.py --variants released lean --seeds 0 1
+    python experiments/stage1_ablation.py --report-only                    # table and plot from finished runs
+
+Runs go to runs/stage1_ablation/<variant>_s<seed>/ (a finished run is not retrained: its scores are kept in
+scores.json there); the table and plot to experiments/results/stage1_ablation.{md,png,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from enfpde import checkpointing
+from enfpde.config import load_config
+from enfpde.data.trajectories import Normalizer, TrajectoryDataset, save_json_atomic
+from enfpde.forecaster import Forecaster
+from enfpde.trainer import Trainer
+
+RESULTS = Path(__file__).parent / "results"
+
+LEAN = {
+    "model.num_frequencies": 16,
+    "model.context_stem": False,
+    "model.full_width_heads": False,
+    "model.embedding_mlp": False,
+    "model.value_ffn": False,
+    "model.value_mixer": False,
+    "model.deep_head": False,
+}
+# variant -> (overrides, what it changes relative to the released decoder)
+VARIANTS = {
+    "released": ({}, "the released decoder (531k parameters)"),
+    "lean": (LEAN, "every part lean: the decoder the package shipped before (79k parameters)"),
+    "no_context_stem": ({"model.context_stem": False}, "keys and values straight from the contexts (no Dense + LayerNorm stem)"),
+    "split_heads": ({"model.full_width_heads": False}, "heads split the width (2 x 64) instead of 2 x 128"),
+    "lean_embedding": (
+        {"model.embedding_mlp": False, "model.num_frequencies": 16},
+        "bi-invariant embeddings: 16 Fourier frequencies + Dense-GELU instead of 64 + Dense-ReLU-Dense",
+    ),
+    "linear_modulation": ({"model.value_ffn": False}, "gamma and beta linear in the value embedding (no FFN)"),
+    "no_value_mixer": ({"model.value_mixer": False}, "no pointwise FFN on each (query, latent) value"),
+    "shallow_head": ({"model.deep_head": False}, "after attention one hidden layer instead of projection + FFN + 3-layer MLP"),
+}
+
+
+def frame0_test_mse(run_dir: Path, step: int, test: TrajectoryDataset) -> float:
+    """Test frame-0 reconstruction MSE (raw units) of the checkpoint at ``step``: Meta-SGD on the full grid."""
+    model = Forecaster.load(run_dir, step=step, batch_size=test.num_trajectories)
+    initial = test.values[:, 0]  # [B, M, C]
+    pred = model.predict(test.coords, initial, np.zeros(1))[:, 0]
+    return float(np.mean((pred - initial) ** 2))
+
+
+def run_variant(name: str, seed: int, args) -> dict:
+    run_dir = Path(args.runs) / f"{name}_s{seed}"
+    scores_path = run_dir / "scores.json"
+    if scores_path.exists():
+        return json.loads(scores_path.read_text())
+    overrides = {
+        "train.seed": seed,
+        "train.stage1_frames": args.frames,
+        "train.stage2.epochs": 0,
+        "train.joint.epochs": 0,
+        "train.checkpoint_every": args.eval_every,
+        "train.keep_checkpoints": args.steps // args.eval_every + 1,
+        **VARIANTS[name][0],
+    }
+    config = load_config(args.preset, [f"{k}={v}" for k, v in overrides.items()])
+    steps_per_epoch = TrajectoryDataset.open(config.data.train).num_trajectories // config.train.batch_size
+    config.train.stage1.epochs = -(-args.steps // steps_per_epoch)
+    resume = (run_dir / checkpointing.CONFIG_FILE).exists()
+    start = time.perf_counter()
+    trainer = Trainer(config, run_dir, resume=resume, overwrite=not resume, progress=not args.quiet)
+    num_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(trainer.modules[0], nnx.Param)))  # decoder
+    trainer.run()
+    train_s = time.perf_counter() - start
+
+    records = [r for r in checkpointing.read_metrics(run_dir) if r["stage"] == "stage1"]
+    losses = np.array([r["loss"] for r in records])
+    variance = float(np.mean(Normalizer.from_dict(checkpointing.read_model_metadata(run_dir)["normalizer"]).std ** 2))
+    test = TrajectoryDataset.open(config.data.test)
+    evals = {}
+    for step in range(args.eval_every, args.steps + 1, args.eval_every):
+        evals[step] = frame0_test_mse(run_dir, step, test)
+        print(f"{name} seed {seed} step {step}: test frame-0 MSE {evals[step]:.4f}", flush=True)
+    step_times = np.diff([r["elapsed_s"] for r in records])
+    scores = {
+        "variant": name,
+        "seed": seed,
+        "parameters": num_params,
+        "train_loss_raw": (losses * variance).tolist(),
+        "test_frame0_mse": {str(k): v for k, v in evals.items()},
+        "median_step_s": float(np.median(step_times[step_times > 0])) if len(step_times) else None,
+        "train_wall_s": train_s,
+    }
+    save_json_atomic(scores_path, scores)
+    return scores
+
+
+def mean_around(losses, step, width=10):
+    lo = max(step - width // 2, 0)
+    return float(np.mean(losses[lo : lo + width]))
+
+
+def report(all_scores: list[dict], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = sorted({int(s) for sc in all_scores for s in sc["test_frame0_mse"]})
+    header = (
+        "| variant | seed | parameters | s / step | train loss ~100 | train loss ~150 | "
+        + " | ".join(f"test frame-0 @ {s}" for s in evals)
+        + " |"
+    )
+    lines = [header, "|" + "---|" * (6 + len(evals))]
+    order = list(VARIANTS)
+    for sc in sorted(all_scores, key=lambda s: (order.index(s["variant"]), s["seed"])):
+        losses = np.asarray(sc["train_loss_raw"])
+        cells = [
+            sc["variant"], str(sc["seed"]), f"{sc['parameters'] / 1e3:.0f}k",
+            f"{sc['median_step_s']:.2f}" if sc["median_step_s"] else "",
+            f"{mean_around(losses, 100):.3f}" if len(losses) >= 105 else "",
+            f"{mean_around(losses, 150):.3f}" if len(losses) >= 150 else "",
+        ] + [f"{sc['test_frame0_mse'].get(str(s), float('nan')):.3f}" for s in evals]
+        lines.append("| " + " | ".join(cells) + " |")
+    reference = (
+        "| reference implementation (issue 14, same data) | 0 | 531k | 7.6 (80 fields) | 0.39 | 0.29 | "
+        + " | ".join({50: "0.54", 100: "0.33", 150: "0.36"}.get(s, "") for s in evals)
+        + " |"
+    )
+    lines.append(reference)
+    descriptions = "\n".join(f"- `{k}`: {v[1]}." for k, v in VARIANTS.items())
+    text = f"""# Stage-1 decoder ablation (Navier-Stokes, released config)
+
+Command: `python experiments/stage1_ablation.py {' '.join(args.argv)}`
+
+Machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}.
+Stage 1 only, preset `{args.preset}`, {args.frames} random frames per trajectory per step (batch 8: 16 fields),
+512 points, AdamW 1e-4. Training loss: raw units (normalised loss x training variance), mean of the 10 steps
+around the step named. Test frame-0: MSE in raw units on the 16 test trajectories, frame 0 fitted with the 3
+Meta-SGD steps on the full 64 x 64 grid and decoded there (mean w^2 is about 1.05). Step times include the other
+jobs that shared the 2 cores at the time; compare them with benchmarks/results/enf_core.md.
+
+{chr(10).join(lines)}
+
+Variants (each changes one part of the released decoder to the lean form):
+{descriptions}
+
+![curves](stage1_ablation.png)
+"""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "stage1_ablation.md").write_text(text)
+    save_json_atomic(RESULTS / "stage1_ablation.json", all_scores)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {name: f"C{i}" for i, name in enumerate(VARIANTS)}
+    for sc in all_scores:
+        losses = np.asarray(sc["train_loss_raw"])
+        smooth = np.convolve(losses, np.ones(10) / 10, mode="valid")
+        style = "-" if sc["seed"] == 0 else "--"
+        label = f"{sc['variant']} s{sc['seed']}"
+        ax1.plot(np.arange(len(smooth)) + 5, smooth, style, color=colors[sc["variant"]], label=label)
+        steps = sorted(int(s) for s in sc["test_frame0_mse"])
+        ax2.plot(steps, [sc["test_frame0_mse"][str(s)] for s in steps], style + "o", color=colors[sc["variant"]], label=label)
+    ref_steps, ref_train, ref_test = [10, 50, 100, 150], [0.79, 0.61, 0.39, 0.29], [None, 0.54, 0.33, 0.36]
+    ax1.plot(ref_steps, ref_train, "k:s", label="reference implementation")
+    ax2.plot(ref_steps[1:], ref_test[1:], "k:s", label="reference implementation")
+    ax1.set(xlabel="stage-1 step", ylabel="training loss (raw units, 10-step mean)", yscale="log")
+    ax2.set(xlabel="stage-1 step", ylabel="test frame-0 MSE (raw units)", yscale="log")
+    ax2.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "stage1_ablation.png", dpi=120)
+    print(f"wrote {RESULTS / 'stage1_ablation.md'}")
+
+
+def main() -> None:
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--frames", type=int, default=2, help="random frames per trajectory in a stage-1 step")
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--runs", default="runs/stage1_ablation")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    if not args.report_only:
+        for seed in args.seeds:
+            for name in args.variants:
+                run_variant(name, seed, args)
+    found = [json.loads(p.read_text()) for p in sorted(Path(args.runs).glob("*/scores.json"))]
+    report(found, args)
+
+
+if __name__ == "__main__":
+    main()
