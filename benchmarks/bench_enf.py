@@ -1,11 +1,16 @@
 """Speed and memory of the ENF core at the reference Navier-Stokes configuration (REFERENCE.md section 5).
 
-Cases (each in its own process, so that peak memory is the case's own):
+Cases (each in its own process, so that peak memory is the case's own). The decoder is the released one (the
+model defaults, 531k parameters) unless the case says lean (every switch of enfpde.field off, 79k):
   stage1           Meta-SGD reconstruction train step: 8 trajectories x 10 frames = 80 fields, 512 points,
                    4 latents x 16, width 128, 2 heads, 3 inner steps, second order (8 micro-batches of 10).
-  stage1-first     the same, first-order inner gradients.
-  stage1-subset    the same, inner steps on random subsets of 128 of the 512 points.
+  stage1-16        the released sampling (the paper preset): 8 trajectories x 2 frames = 16 fields, one batch.
+  stage1-first     stage1-16 with first-order inner gradients.
+  stage1-subset    stage1-16 with the inner steps on random subsets of 128 of the 512 points.
+  stage1-lean      stage1 with the lean decoder.
+  stage1-lean-16   stage1-16 with the lean decoder.
   decode           decode a full 64 x 64 field for a batch of 8 fitted states (one jit, default chunks of 512).
+  decode-lean      decode with the lean decoder.
 
 Usage:
   python benchmarks/bench_enf.py                      # all cases, writes benchmarks/results/enf_core.{json,md}
@@ -29,7 +34,11 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-CASES = ("stage1", "stage1-first", "stage1-subset", "decode")
+CASES = ("stage1", "stage1-16", "stage1-first", "stage1-subset", "stage1-lean", "stage1-lean-16", "decode", "decode-lean")
+LEAN = dict(
+    num_frequencies=16, context_stem=False, full_width_heads=False, embedding_mlp=False, value_ffn=False,
+    value_mixer=False, deep_head=False,
+)
 REFERENCE = {  # REFERENCE.md section 5, the reference implementation on this machine type
     "stage1": {"median_s": 7.6, "peak_gb": 5.8, "compile_s": 42.0},
     "decode": {"median_s": 1.1, "peak_gb": 1.0},
@@ -37,7 +46,7 @@ REFERENCE = {  # REFERENCE.md section 5, the reference implementation on this ma
 TARGET = {"stage1": {"median_s": 2.5, "peak_gb": 2.0}, "decode": {"median_s": 0.35}}
 
 
-def _build(first_order=False, inner_points=None):
+def _build(first_order=False, inner_points=None, lean=False):
     import jax
     from flax import nnx
 
@@ -45,7 +54,9 @@ def _build(first_order=False, inner_points=None):
     from enfpde.training import NeuralFieldAutoencoder
 
     torus = Torus((1.0, 1.0))
-    field = EquivariantNeuralField(torus, num_out=1, latent_dim=16, num_hidden=128, num_heads=2, rngs=nnx.Rngs(0))
+    field = EquivariantNeuralField(
+        torus, num_out=1, latent_dim=16, num_hidden=128, num_heads=2, rngs=nnx.Rngs(0), **(LEAN if lean else {})
+    )
     encoder = MetaSGDEncoder(torus, num_latents=4, latent_dim=16, num_inner_steps=3, first_order=first_order, inner_points=inner_points)
     return jax, torus, NeuralFieldAutoencoder(field, encoder)
 
@@ -79,10 +90,13 @@ def run_case(name: str, repeats: int) -> dict:
     from enfpde.training import default_optimizer, make_stage1_step
 
     if name.startswith("stage1"):
-        jax, torus, model = _build(first_order=name == "stage1-first", inner_points=128 if name == "stage1-subset" else None)
-        step, state, _ = make_stage1_step(model, default_optimizer(), num_microbatches=8)
+        jax, torus, model = _build(
+            first_order=name == "stage1-first", inner_points=128 if name == "stage1-subset" else None, lean="lean" in name
+        )
+        fields = 80 if name in ("stage1", "stage1-lean") else 16
+        step, state, _ = make_stage1_step(model, default_optimizer(), num_microbatches=fields // 10 if fields == 80 else 1)
         coords = torus.sample_coords(jax.random.key(0), 512)
-        values = jax.random.normal(jax.random.key(1), (80, 512, 1))
+        values = jax.random.normal(jax.random.key(1), (fields, 512, 1))
         carry = [state.params, state.opt_state, 0]
 
         def one():
@@ -91,11 +105,11 @@ def run_case(name: str, repeats: int) -> dict:
             loss.block_until_ready()
             carry[:] = [params, opt_state, i + 1]
 
-    elif name == "decode":
+    elif name.startswith("decode"):
         import jax.numpy as jnp
         from flax import nnx
 
-        jax, torus, model = _build()
+        jax, torus, model = _build(lean=name == "decode-lean")
         grid = (jnp.arange(64) + 0.5) / 64
         coords = jnp.stack(jnp.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
         z = model.encoder.initial(8)

@@ -65,7 +65,16 @@ def read_model_metadata(run_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(
             f"'{run_dir}' is not an enfpde run directory: {MODEL_FILE} is missing (train a model with `enfpde train`)."
         )
-    return json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"'{path}' is not valid JSON ({error}); the file is damaged or cut short. It is written when training "
+            f"starts: restore it from a copy, or retrain the run."
+        ) from None
+    if not isinstance(metadata, dict) or "variables" not in metadata or "normalizer" not in metadata:
+        raise ValueError(f"'{path}' does not describe a model: expected an object with 'variables' and 'normalizer'.")
+    return metadata
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -1,12 +1,17 @@
 """The ``enfpde`` command: generate datasets, train, evaluate, forecast, and the quickstart.
 
-Run ``enfpde <command> --help`` for the options of each command.
+Run ``enfpde <command> --help`` for the options of each command. An error prints one line naming what was
+found and what was expected, and exits with code 2; ``--debug`` (or ``ENFPDE_DEBUG=1``) shows the traceback
+instead, for bug reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +74,7 @@ def _cmd_forecast(args) -> int:
         variables=args.variables,
         overwrite=args.overwrite,
         init_time=args.init_time,
+        max_steps=args.max_steps,
     )
     print(f"forecast written to {path}")
     return 0
@@ -83,6 +89,7 @@ def _cmd_quickstart(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enfpde", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also ENFPDE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate a dataset from its YAML definition (datasets/*.yaml)")
@@ -121,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="models trained on ERA5: the analysis time of a raw ERA5 input (GRIB, CDS netCDF, zarr) to start from, "
         "e.g. 2017-01-02T00 (default its first time)",
     )
+    p.add_argument(
+        "--max-steps", type=_positive_int, default=4096,
+        help="the ODE solver's step budget (default 4096); lead times needing more steps are refused up front",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_forecast)
 
@@ -131,13 +142,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}.")
+    return value
+
+
+_NEGATIVE_NUMBERS = re.compile(r"^-\d|^-\.\d")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--times -1,0,1`` -> ``--times=-1,0,1``: argparse would read a value that starts with '-' as an option."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] == "--times" and _NEGATIVE_NUMBERS.match(out[i + 1]):
+            out[i : i + 2] = [f"--times={out[i + 1]}", ""]
+    return [a for a in out if a != ""]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _join_negative_values(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("ENFPDE_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+    except KeyboardInterrupt:
+        print(f"enfpde {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure is one line for the user; --debug shows where it came from
+        if debug:
+            traceback.print_exc()
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"enfpde {args.command}: error: {message}", file=sys.stderr)
+        kind = "" if isinstance(error, (ValueError, KeyError, TypeError, OSError)) else f"{type(error).__name__}: "
+        text = " ".join(str(message).split()) or type(error).__name__
+        hint = "" if debug else " (run with --debug for the traceback)" if kind else ""
+        print(f"enfpde {args.command}: error: {kind}{text}{hint}", file=sys.stderr)
         return 2
 
 

@@ -7,17 +7,19 @@ the run directory and refuses to replace earlier output unless asked to.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 
 from enfpde import checkpointing
 from enfpde.config import REPOSITORY_ROOT, RunConfig, config_from_yaml, load_config
-from enfpde.data.trajectories import TIME_DIM, TrajectoryDataset, open_dataset
+from enfpde.data.trajectories import POINT_DIM, TIME_DIM, TRAJECTORY_DIM, SchemaError, TrajectoryDataset, open_dataset
 from enfpde.evaluation import evaluate, render_markdown, write_report, write_text_atomic
-from enfpde.forecaster import Forecaster
+from enfpde.forecaster import DEFAULT_MAX_STEPS, Forecaster, lead_times
 
 EVAL_DIR = "eval"
 
@@ -204,6 +206,7 @@ def forecast_file(
     overwrite: bool = False,
     batch_size: int = 8,
     init_time=None,
+    max_steps: int = DEFAULT_MAX_STEPS,
 ) -> Path:
     """Forecast the initial state(s) in ``input_path`` (its first time) and write netCDF to ``output_path``.
 
@@ -212,15 +215,18 @@ def forecast_file(
     at ``init_time`` (default: its first time), one trajectory per ensemble member.
 
     The output location is ``at`` (a netCDF/zarr whose coordinates give the grid or points), a regular grid
-    of ``resolution``, or the input points. Every input is validated before anything is written; the file is
-    written to a temporary name and renamed, and an existing output is never replaced without ``overwrite``.
+    of ``resolution``, or the input points. Every input is validated before anything is written, the output
+    path and the lead times (against the solver's ``max_steps``) before the model is even loaded, and the
+    output's size against the available memory before any compute; the file is written to a temporary name and
+    renamed, and an existing output is never replaced without ``overwrite``.
     """
     output_path = Path(output_path)
-    if output_path.exists() and not overwrite:
-        raise FileExistsError(f"output '{output_path}' exists; pass --overwrite to replace it.")
+    check_output_path(output_path, overwrite=overwrite, flag="--overwrite")
     if at is not None and resolution is not None:
         raise ValueError("give either --at or --resolution, not both.")
     model = Forecaster.load(run_dir, batch_size=batch_size)
+    times = lead_times(times)
+    model._check_step_budget(times, max_steps)
     era5_config = _era5_dataset_config(model.config, input_path)
     if era5_config is not None and not _holds_variables(input_path, model.variables):
         from enfpde.data.era5 import initial_states
@@ -232,22 +238,77 @@ def forecast_file(
                 "--init-time selects the analysis time of a raw ERA5 file for a model trained on ERA5; this input "
                 "is a trajectory file (or the model was not trained on ERA5): its first time is used."
             )
-        with open_dataset(input_path) as ds:
-            if TIME_DIM in ds.dims and ds.sizes[TIME_DIM] > 1:
-                ds = ds.isel({TIME_DIM: [0]})
-            initial = ds.load()
+        initial = _load_dataset(input_path, first_time_only=True)
     location = None
     if at is not None:
-        with open_dataset(at) as grid:
-            location = grid.load()
+        location = _load_dataset(at)
     elif resolution is not None:
         location = regular_grid(model, resolution)
-    forecast = model.forecast(initial, times, at=location, variables=variables)
+    num_states = initial.sizes.get(TRAJECTORY_DIM, 1)
+    check_forecast_size(model, location if location is not None else initial, num_states, times.size, variables)
+    forecast = model.forecast(initial, times, at=location, variables=variables, max_steps=max_steps)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.tmp")
-    forecast.to_netcdf(tmp, engine="netcdf4")
-    os.replace(tmp, output_path)
+    handle, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        forecast.to_netcdf(tmp, engine="netcdf4")
+        os.replace(tmp, output_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return output_path
+
+
+def check_output_path(path: Path, *, overwrite: bool, flag: str) -> None:
+    """Refuse an output path that cannot be written, before any work: an existing file without ``overwrite``,
+    a directory, a parent that is a file, or a directory without write permission."""
+    if path.is_dir():
+        raise IsADirectoryError(f"output '{path}' is a directory; give a file path, e.g. '{path / 'forecast.nc'}'.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output '{path}' exists; pass {flag} to replace it.")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"cannot write '{path}': '{ancestor}' is a file, not a directory.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write '{path}': no write permission in '{ancestor}'.")
+
+
+def check_forecast_size(model, location, num_states: int, num_times: int, variables, *, budget_fraction: float = 0.5) -> None:
+    """Refuse a forecast whose output alone would take more than ``budget_fraction`` of the available memory."""
+    if isinstance(location, xr.Dataset) and POINT_DIM in location.dims:
+        points = location.sizes[POINT_DIM]
+    elif isinstance(location, xr.Dataset) and all(a in location.sizes for a in model.axes):
+        points = int(np.prod([location.sizes[a] for a in model.axes]))
+    elif isinstance(location, Mapping):
+        points = int(np.prod([np.size(location[a]) for a in model.axes if a in location]))
+    else:
+        return
+    channels = len(variables) if variables else len(model.variables)
+    # float32 forecast [B, T, Q, C], the query coordinates in float64, and the written copy
+    needed = 4 * num_states * num_times * points * (channels + len(model.variables)) + 8 * points * len(model.axes)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > budget_fraction * available:
+        raise MemoryError(
+            f"this forecast needs about {needed / 2**30:.1f} GiB ({num_states} states x {num_times} times x "
+            f"{points} points x {len(model.variables)} channels in float32) and {available / 2**30:.1f} GiB of memory "
+            f"is available: ask for fewer times, a coarser resolution or fewer states per call."
+        )
+
+
+def _load_dataset(path, *, first_time_only: bool = False) -> xr.Dataset:
+    """Open and load a netCDF/zarr file; a file that opens but cannot be read (cut short) is a clear error."""
+    with open_dataset(path) as ds:
+        if first_time_only and TIME_DIM in ds.dims and ds.sizes[TIME_DIM] > 1:
+            ds = ds.isel({TIME_DIM: [0]})
+        try:
+            return ds.load()
+        except (OSError, RuntimeError, ValueError) as error:
+            raise SchemaError(
+                f"cannot read the data in '{path}' ({type(error).__name__}: {str(error)[:200]}): the file is damaged "
+                f"or cut short."
+            ) from None
 
 
 def _era5_dataset_config(config: RunConfig, input_path):

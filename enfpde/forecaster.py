@@ -9,6 +9,8 @@ own, shared with the baselines' forecasters (:mod:`enfpde.baselines`).
 
 from __future__ import annotations
 
+import functools
+
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +57,7 @@ def forecast_fields(
     dt0: float | None = 1.0,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     key: Array | None = None,
+    max_steps: int = 4096,
 ) -> Array:
     """Forecast fields from an observed initial state.
 
@@ -65,13 +68,15 @@ def forecast_fields(
             only the training frames).
         query_coords: where to decode ``[Q, D]`` (any resolution).
         mask: ``[B, M]`` observed points.
-        solver, dt0, stepsize_controller: see :func:`enfpde.rollout.rollout`.
+        solver, dt0, stepsize_controller, max_steps: see :func:`enfpde.rollout.rollout`.
 
     Returns:
         ``[T, B, Q, C]``.
     """
     z0 = encoder(field, coords, initial_values, mask, key=key)
-    zs = rollout(dynamics, z0, times, solver=solver, dt0=dt0, stepsize_controller=stepsize_controller)
+    zs = rollout(
+        dynamics, z0, times, solver=solver, dt0=dt0, stepsize_controller=stepsize_controller, max_steps=max_steps
+    )
     return decode_trajectory(field, zs, query_coords)
 
 
@@ -152,6 +157,41 @@ def build_modules(
 # The user-facing forecaster
 # ---------------------------------------------------------------------------------------------------------
 
+DEFAULT_MAX_STEPS = 4096
+# Initial states further than this from the training mean, in training standard deviations, are refused: such
+# values are wrong units or corrupt data, and the Meta-SGD fit overflows float32 on them.
+MAX_INPUT_DEVIATION = 1e4
+
+
+class NonFiniteForecastError(ValueError):
+    """A forecast went non-finite (NaN or infinite values); nothing is returned or written."""
+
+
+def lead_times(times) -> np.ndarray:
+    """Validate lead times given as a number or a 1-D sequence of numbers: ``[T]`` float64.
+
+    Raises:
+        TypeError: None, dates, durations, strings or complex numbers.
+        ValueError: more than one dimension, or empty.
+    """
+    if times is None:
+        raise TypeError("times: expected lead times (a number or a 1-D sequence of numbers), found None.")
+    array = np.asarray(times)
+    if np.issubdtype(array.dtype, np.datetime64) or np.issubdtype(array.dtype, np.timedelta64):
+        raise TypeError(
+            f"times: expected lead times as numbers in the model's time units, found {array.dtype} values; convert "
+            f"them, e.g. (valid_times - initial_time) / np.timedelta64(1, 'h') for a model trained in hours."
+        )
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"times: expected real numbers, found dtype {array.dtype} ({np.ravel(array)[:3].tolist()} ...).")
+    if array.ndim > 1:
+        raise ValueError(f"times: expected a number or a 1-D sequence of lead times, found shape {array.shape}.")
+    array = array.astype(np.float64).reshape(-1)
+    if array.size == 0:
+        raise ValueError("times: expected a non-empty sequence of lead times, found none.")
+    return array
+
+
 class XarrayForecast:
     """The xarray interface of a forecaster: :meth:`forecast` on an ``xr.Dataset``, built on the array method
     ``predict(coords, initial_values, times, query_coords) -> [B, T, Q, C]`` (raw units).
@@ -179,6 +219,7 @@ class XarrayForecast:
         at: xr.Dataset | Mapping | None = None,
         *,
         variables: Sequence[str] | None = None,
+        max_steps: int | None = None,
     ) -> xr.Dataset:
         """Forecast an ``xr.Dataset`` of initial states.
 
@@ -191,6 +232,8 @@ class XarrayForecast:
             at: where to decode: None (the input points), a mapping or Dataset with 1-D coordinates per axis
                 (a grid, any resolution), or coordinates on a ``point`` dimension (scattered points).
             variables: which variables to return (default all).
+            max_steps: the ODE solver's step budget (models with latent dynamics; default 4096): lead times that
+                need more steps are refused before any work starts.
 
         Returns:
             ``xr.Dataset`` with dims ``(trajectory, time, *space)``, ``time`` the initial time plus the lead
@@ -199,12 +242,13 @@ class XarrayForecast:
         variables = self._check_variables(variables)
         ds = self._squeeze_time(initial_state)
         coords, values, mask_var = self._observations(ds)
-        times = np.asarray(times, np.float64).reshape(-1)
+        times = lead_times(times)
         query, out_space_dims, out_space_shape, out_coords = self._query(ds, at)
         n = values.shape[0]
         if mask_var is not None:
             values = np.where(mask_var[..., None], values, np.nan)
-        prediction = self.predict(coords, values, times, query)  # [B, T, Q, C]
+        options = {} if max_steps is None else {"max_steps": max_steps}
+        prediction = self.predict(coords, values, times, query, **options)  # [B, T, Q, C]
         data_vars = {}
         for c, name in enumerate(self.variables):
             if name in variables:
@@ -265,25 +309,37 @@ class XarrayForecast:
         lead = (TRAJECTORY_DIM,) if TRAJECTORY_DIM in first.dims else ()
         if first.dims[: len(lead)] != lead:
             raise ValueError(f"'{TRAJECTORY_DIM}' must be the first dimension of the variables, found {first.dims}.")
+        if lead and ds.sizes[TRAJECTORY_DIM] == 0:
+            raise ValueError(f"initial_state has 0 trajectories: the '{TRAJECTORY_DIM}' dimension is empty.")
         space = first.dims[len(lead):]
         self._space_layout(ds, space, "initial_state")
         for v in self.variables:
             if ds[v].dims != first.dims:
                 raise ValueError(f"variable '{v}' has dimensions {ds[v].dims}, expected {first.dims} like '{self.variables[0]}'.")
+            _require_real(ds[v].dtype, f"variable '{v}'")
+        axis_values = [_axis_values(ds, a, "initial_state") for a in self.axes]
         if space == tuple(self.axes):
-            coords = grid_points([ds[a].values for a in self.axes])
+            coords = grid_points(axis_values)
         else:
-            coords = np.stack([ds[a].values for a in self.axes], axis=-1)
+            coords = np.stack(axis_values, axis=-1)
+            _require_distinct_points(coords, "initial_state")
+        if 0 in first.shape:
+            raise ValueError(f"initial_state has no points: its dimensions are {dict(first.sizes)}.")
         values = np.stack([ds[v].values.astype(np.float32) for v in self.variables], axis=-1)
         if not lead:
             values = values[None]
         values = values.reshape(values.shape[0], -1, len(self.variables))
         mask = None
-        if "mask" in ds.data_vars:
+        if "mask" in ds.variables:  # a data variable or a coordinate
             mask_da = ds["mask"]
             if mask_da.dtype != bool:
                 raise ValueError(f"'mask' must be boolean (True = observed), found dtype {mask_da.dtype}.")
-            mask = np.broadcast_to(mask_da.broadcast_like(first).values, first.shape).reshape(values.shape[:2])
+            extra = [d for d in mask_da.dims if d not in first.dims]
+            if extra:
+                raise ValueError(
+                    f"'mask' has dimension(s) {extra} that the fields lack; expected a subset of {list(first.dims)}."
+                )
+            mask = np.broadcast_to(mask_da.broadcast_like(first).transpose(*first.dims).values, first.shape).reshape(values.shape[:2])
         observed = np.ones(values.shape[:2], bool) if mask is None else mask
         bad = ~np.isfinite(values).all(-1) & observed
         if bad.any():
@@ -292,6 +348,9 @@ class XarrayForecast:
                 + (" (where 'mask' is True)" if mask is not None else "")
                 + ": add a boolean 'mask' variable that is False at missing points, or drop them."
             )
+        if not observed.any(axis=1).all():
+            empty = np.flatnonzero(~observed.any(axis=1))[:5].tolist()
+            raise ValueError(f"'mask' leaves initial state(s) {empty} with no observed point.")
         return coords, values, mask
 
     def _query(self, ds: xr.Dataset, at):
@@ -299,7 +358,7 @@ class XarrayForecast:
         if at is None:
             first = ds[self.variables[0]]
             space = first.dims[1:] if TRAJECTORY_DIM in first.dims else first.dims
-            values = [np.asarray(ds[a].values) for a in self.axes]
+            values = [_axis_values(ds, a, "initial_state") for a in self.axes]
         else:
             if not isinstance(at, (xr.Dataset, xr.DataArray, xr.Coordinates, Mapping)):
                 raise TypeError(f"'at' must be None, a mapping of coordinates or an xarray Dataset, found {type(at).__name__}.")
@@ -307,13 +366,30 @@ class XarrayForecast:
             if missing:
                 raise KeyError(f"'at' lacks coordinate(s) {missing}; expected {list(self.axes)}.")
             arrays = [at[a] if isinstance(at[a], xr.DataArray) else xr.DataArray(np.asarray(at[a])) for a in self.axes]
+            named = [isinstance(at[a], xr.DataArray) for a in self.axes]
             if all(array.dims == (POINT_DIM,) for array in arrays):
                 space = (POINT_DIM,)
-            elif all(array.ndim == 1 for array in arrays):
+                if len({array.size for array in arrays}) != 1:
+                    raise ValueError(f"'at': the point coordinates have different lengths {[a.size for a in arrays]}.")
+            elif all(array.ndim == 1 and (not n or array.dims == (a,)) for array, n, a in zip(arrays, named, self.axes)):
                 space = tuple(self.axes)
             else:
-                raise ValueError(f"'at': coordinates must be 1-D per grid axis {list(self.axes)} or all on '{POINT_DIM}'.")
+                found = {a: array.dims for a, array in zip(self.axes, arrays)}
+                raise ValueError(
+                    f"'at': coordinates must be 1-D per grid axis, each on its own dimension {list(self.axes)}, or all on "
+                    f"'{POINT_DIM}'; found dimensions {found}."
+                )
             values = [np.asarray(array.values) for array in arrays]
+            for a, v in zip(self.axes, values):
+                _require_real(v.dtype, f"'at' coordinate '{a}'")
+                if v.size == 0:
+                    raise ValueError(f"'at': coordinate '{a}' is empty; give at least one value per axis.")
+                if not np.all(np.isfinite(v)):
+                    raise ValueError(f"'at': coordinate '{a}' has non-finite values.")
+                if space != (POINT_DIM,) and np.unique(v).size != v.size:
+                    raise ValueError(f"'at': grid coordinate '{a}' has duplicate values.")
+            if space == (POINT_DIM,):
+                _require_distinct_points(np.stack(values, axis=-1), "'at'")
         if space == tuple(self.axes):
             coords = {a: ((a,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, values)}
             return grid_points(values), space, tuple(v.size for v in values), coords
@@ -362,12 +438,12 @@ class Forecaster(XarrayForecast):
         solver = solver_from_name(config.model.solver)
         dt0 = config.model.dt0
 
-        @jax.jit
-        def predict_normalized(state, coords, values, mask, times, query):
+        @functools.partial(jax.jit, static_argnames="max_steps")
+        def predict_normalized(state, coords, values, mask, times, query, max_steps):
             field, encoder, dynamics = nnx.merge(graphdef, state)
             out = forecast_fields(
                 field, encoder, dynamics, coords, values, times, query, mask, solver=solver, dt0=dt0,
-                key=jax.random.key(0),
+                key=jax.random.key(0), max_steps=max_steps,
             )
             return out.swapaxes(0, 1)
 
@@ -401,7 +477,7 @@ class Forecaster(XarrayForecast):
 
     # -- arrays ------------------------------------------------------------------------------------------
 
-    def predict(self, coords, initial_values, times, query_coords=None) -> np.ndarray:
+    def predict(self, coords, initial_values, times, query_coords=None, *, max_steps: int = DEFAULT_MAX_STEPS) -> np.ndarray:
         """Forecast from observed initial states.
 
         Args:
@@ -410,9 +486,16 @@ class Forecaster(XarrayForecast):
                 point must be observed or missing together).
             times: ``[T]`` increasing lead times >= 0.
             query_coords: ``[Q, D]`` where to decode (default: ``coords``).
+            max_steps: the ODE solver's step budget. With the model's fixed step ``model.dt0`` (in units of
+                ``model.time_unit``) a lead time ``t`` needs ``ceil(t / (time_unit * dt0))`` steps; a lead time
+                past the budget is refused before any work starts.
 
         Returns:
             ``[B, T, Q, C]`` in raw units.
+
+        Raises:
+            ValueError: bad shapes, times or observations, a lead time past ``max_steps``.
+            NonFiniteForecastError: the forecast went non-finite (typically inputs far outside the training data).
         """
         coords_internal = self.geometry.coords_from_user(coords)
         query_internal = coords_internal if query_coords is None else self.geometry.coords_from_user(query_coords)
@@ -427,6 +510,7 @@ class Forecaster(XarrayForecast):
         check_monotone_times(times, "forecast times")
         if times[0] < 0:
             raise ValueError(f"forecast times are lead times and must be >= 0, found {times[0]}.")
+        self._check_step_budget(times, max_steps)
         finite = np.isfinite(values)
         mask = finite.all(-1)
         if np.any(finite.any(-1) & ~mask):
@@ -434,6 +518,15 @@ class Forecaster(XarrayForecast):
         if not mask.any(axis=1).all():
             raise ValueError("initial_values: a state has no observed point.")
         normalized = np.where(mask[..., None], self.normalizer.normalize(np.nan_to_num(values)), 0.0).astype(np.float32)
+        reach = np.max(np.abs(normalized), axis=(1, 2), initial=0.0)  # [B], in training standard deviations
+        if np.any(reach > MAX_INPUT_DEVIATION) or not np.all(np.isfinite(normalized)):
+            far = np.flatnonzero(~(reach <= MAX_INPUT_DEVIATION))
+            raise ValueError(
+                f"initial state(s) {far[:5].tolist()}{' ...' if far.size > 5 else ''} reach "
+                f"{float(np.max(reach[far])):.3g} standard deviations from the training data's mean (variables "
+                f"{list(self.variables)}, mean {self.normalizer.mean.tolist()}, std {self.normalizer.std.tolist()}); "
+                f"more than {MAX_INPUT_DEVIATION:g} is not data this model can forecast: check the units and scale."
+            )
         outputs = []
         num_states = values.shape[0]
         chunk_size = min(self.batch_size, num_states)
@@ -443,13 +536,72 @@ class Forecaster(XarrayForecast):
             chunk = np.where(chunk < num_states, chunk, start)
             out = self._predict_normalized(
                 self._state, coords_internal, jnp.asarray(normalized[chunk]), jnp.asarray(mask[chunk]),
-                jnp.asarray(times / self.config.model.time_unit, jnp.float32), query_internal,
+                jnp.asarray(times / self.config.model.time_unit, jnp.float32), query_internal, max_steps=int(max_steps),
             )
             outputs.append(np.asarray(out)[: num_states - start])
-        return self.normalizer.denormalize(np.concatenate(outputs, axis=0)).astype(np.float32)
+        prediction = self.normalizer.denormalize(np.concatenate(outputs, axis=0)).astype(np.float32)
+        self._check_finite(prediction, normalized, mask, times)
+        return prediction
+
+    def _check_step_budget(self, times: np.ndarray, max_steps) -> None:
+        if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, found {max_steps!r}.")
+        step = self.config.model.time_unit * self.config.model.dt0  # data time units per solver step
+        needed = int(np.ceil(times[-1] / step - 1e-6))
+        if needed > max_steps:
+            raise ValueError(
+                f"lead time {times[-1]:g} ({self.time_units}) needs {needed} solver steps of {step:g}, more than "
+                f"max_steps = {max_steps}: pass a larger max_steps (CLI: --max-steps), or check the times' units "
+                f"(the model's horizon was {self.metadata.get('horizon_time', '?')})."
+            )
+
+    def _check_finite(self, prediction: np.ndarray, normalized: np.ndarray, mask: np.ndarray, times: np.ndarray) -> None:
+        """Refuse a forecast with non-finite values, naming where and how far the inputs were from the data."""
+        bad = ~np.isfinite(prediction).all(axis=(2, 3))  # [B, T]
+        if not bad.any():
+            return
+        states = np.flatnonzero(bad.any(axis=1))
+        first = {int(b): float(times[np.argmax(bad[b])]) for b in states[:5]}
+        reach = [float(np.max(np.abs(normalized[b][mask[b]]), initial=0.0)) for b in states[:5]]
+        cause = (
+            "the model cannot extrapolate that far: check the inputs' units and scale"
+            if max(reach) > 10.0
+            else "the inputs are within the training data's range, so the model itself diverged (unstable latent "
+            "dynamics at these lead times, or damaged parameters)"
+        )
+        raise NonFiniteForecastError(
+            f"the forecast is non-finite for {states.size} of {bad.shape[0]} initial state(s) (indices "
+            f"{states[:5].tolist()}{' ...' if states.size > 5 else ''}), from lead time(s) {list(first.values())} on. "
+            f"Their inputs reach {', '.join(f'{r:.3g}' for r in reach)} standard deviations from the training mean; "
+            f"{cause}. Nothing was returned or written."
+        )
 
     def _forecast_attrs(self) -> dict:
         return {"source": "enfpde Forecaster", "model_step": int(getattr(self, "step", -1))}
+
+
+def _require_real(dtype, what: str) -> None:
+    if np.dtype(dtype).kind not in "iuf":
+        raise TypeError(f"{what}: expected real numbers, found dtype {dtype}.")
+
+
+def _axis_values(ds: xr.Dataset, axis: str, what: str) -> np.ndarray:
+    """The values of a coordinate axis, which must be a real coordinate variable without duplicates on a grid."""
+    if axis not in ds.variables:
+        raise ValueError(
+            f"{what}: the dimension '{axis}' has no coordinate variable; assign one, e.g. "
+            f"ds.assign_coords({axis}=values) (in the model's units)."
+        )
+    values = np.asarray(ds[axis].values)
+    _require_real(values.dtype, f"{what}: coordinate '{axis}'")
+    if ds[axis].dims == (axis,) and np.unique(values).size != values.size:
+        raise ValueError(f"{what}: grid coordinate '{axis}' has duplicate values.")
+    return values
+
+
+def _require_distinct_points(points: np.ndarray, what: str) -> None:
+    if np.unique(points, axis=0).shape[0] != points.shape[0]:
+        raise ValueError(f"{what}: some scattered points appear more than once (same coordinates on every axis).")
 
 
 def _axis_attrs(ds: xr.Dataset, axis: str) -> dict:

@@ -48,11 +48,22 @@ def open_dataset(path: str | os.PathLike) -> xr.Dataset:
     if not path.exists():
         raise FileNotFoundError(f"no dataset at '{path}': expected a netCDF file (.nc) or a zarr store (.zarr).")
     is_zarr_store = path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists())
-    if path.suffix == ".zarr" or is_zarr_store:
-        return xr.open_zarr(path)
-    if path.is_dir():
+    if path.is_dir() and not (path.suffix == ".zarr" or is_zarr_store):
         raise SchemaError(f"'{path}' is a directory but not a zarr store (no zarr.json or .zgroup inside).")
-    return xr.open_dataset(path, engine="netcdf4")
+    if not path.is_dir() and path.stat().st_size == 0:
+        raise SchemaError(f"'{path}' is empty (0 bytes): expected a netCDF file or a zarr store.")
+    try:
+        if path.is_dir():
+            return xr.open_zarr(path)
+        return xr.open_dataset(path, engine="netcdf4")
+    except PermissionError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        kind = "zarr store" if path.is_dir() else "netCDF file"
+        raise SchemaError(
+            f"cannot read '{path}' as a {kind} ({type(error).__name__}: {str(error)[:200]}): is it complete, and a "
+            f"netCDF-3/4 file or zarr store rather than GRIB or text?"
+        ) from None
 
 
 def grid_points(axis_values) -> np.ndarray:
