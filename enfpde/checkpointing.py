@@ -59,6 +59,54 @@ def restore(manager: ocp.CheckpointManager, step: int, model_target, train_targe
     return restored["model"], restored.get("train") if train_target is not None else None
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run could be restored."""
+
+
+def restore_newest(manager: ocp.CheckpointManager, model_target, train_target=None, *, run_dir="the run"):
+    """Restore the newest checkpoint that restores, skipping damaged ones (a kill during a write, a truncated
+    copy, a full disk).
+
+    Returns:
+        ``(step, model_state, train_state, skipped)`` with ``skipped`` a list of ``(step, reason)`` for the newer
+        checkpoints that failed, newest first.
+
+    Raises:
+        CheckpointError: the run has checkpoints and none restores (every reason is listed).
+    """
+    skipped = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            model_state, train_state = restore(manager, step, model_target, train_target)
+        except Exception as error:  # orbax and tensorstore raise many types for damaged files
+            skipped.append((step, f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"))
+            continue
+        return step, model_state, train_state, skipped
+    if not skipped:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet.")
+    raise CheckpointError(
+        f"no checkpoint of {run_dir} restores: " + "; ".join(f"step {s}: {why}" for s, why in skipped)
+    )
+
+
+def set_aside(run_dir, steps) -> list[Path]:
+    """Move damaged checkpoints to ``checkpoints/damaged-<step>[-k]`` (never deleted; orbax ignores the name)."""
+    moved = []
+    for step in steps:
+        source = Path(run_dir).resolve() / CHECKPOINT_DIR / str(step)
+        target = source.with_name(f"damaged-{step}")
+        k = 1
+        while target.exists():
+            target, k = source.with_name(f"damaged-{step}-{k}"), k + 1
+        source.rename(target)
+        moved.append(target)
+    return moved
+
+
+def describe_skipped(skipped) -> str:
+    return "; ".join(f"skipped the damaged checkpoint at step {s} ({why})" for s, why in skipped)
+
+
 def read_model_metadata(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / MODEL_FILE
     if not path.exists():

@@ -9,15 +9,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import xarray as xr
 
 from enfpde import checkpointing
 from enfpde.config import REPOSITORY_ROOT, RunConfig, config_from_yaml, load_config
-from enfpde.data.trajectories import POINT_DIM, TIME_DIM, TRAJECTORY_DIM, SchemaError, TrajectoryDataset, open_dataset
+from enfpde.data.trajectories import TIME_DIM, SchemaError, TrajectoryDataset, open_dataset
 from enfpde.evaluation import evaluate, render_markdown, write_report, write_text_atomic
 from enfpde.forecaster import DEFAULT_MAX_STEPS, Forecaster, lead_times
 
@@ -216,8 +215,8 @@ def forecast_file(
 
     The output location is ``at`` (a netCDF/zarr whose coordinates give the grid or points), a regular grid
     of ``resolution``, or the input points. Every input is validated before anything is written, the output
-    path and the lead times (against the solver's ``max_steps``) before the model is even loaded, and the
-    output's size against the available memory before any compute; the file is written to a temporary name and
+    path before the model is even loaded, the lead times (against the solver's ``max_steps``) and the output's
+    size (against the available memory) before any compute; the file is written to a temporary name and
     renamed, and an existing output is never replaced without ``overwrite``.
     """
     output_path = Path(output_path)
@@ -244,8 +243,6 @@ def forecast_file(
         location = _load_dataset(at)
     elif resolution is not None:
         location = regular_grid(model, resolution)
-    num_states = initial.sizes.get(TRAJECTORY_DIM, 1)
-    check_forecast_size(model, location if location is not None else initial, num_states, times.size, variables)
     forecast = model.forecast(initial, times, at=location, variables=variables, max_steps=max_steps)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp")
@@ -275,29 +272,7 @@ def check_output_path(path: Path, *, overwrite: bool, flag: str) -> None:
         raise PermissionError(f"cannot write '{path}': no write permission in '{ancestor}'.")
 
 
-def check_forecast_size(model, location, num_states: int, num_times: int, variables, *, budget_fraction: float = 0.5) -> None:
-    """Refuse a forecast whose output alone would take more than ``budget_fraction`` of the available memory."""
-    if isinstance(location, xr.Dataset) and POINT_DIM in location.dims:
-        points = location.sizes[POINT_DIM]
-    elif isinstance(location, xr.Dataset) and all(a in location.sizes for a in model.axes):
-        points = int(np.prod([location.sizes[a] for a in model.axes]))
-    elif isinstance(location, Mapping):
-        points = int(np.prod([np.size(location[a]) for a in model.axes if a in location]))
-    else:
-        return
-    channels = len(variables) if variables else len(model.variables)
-    # float32 forecast [B, T, Q, C], the query coordinates in float64, and the written copy
-    needed = 4 * num_states * num_times * points * (channels + len(model.variables)) + 8 * points * len(model.axes)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if needed > budget_fraction * available:
-        raise MemoryError(
-            f"this forecast needs about {needed / 2**30:.1f} GiB ({num_states} states x {num_times} times x "
-            f"{points} points x {len(model.variables)} channels in float32) and {available / 2**30:.1f} GiB of memory "
-            f"is available: ask for fewer times, a coarser resolution or fewer states per call."
-        )
-
-
-def _load_dataset(path, *, first_time_only: bool = False) -> xr.Dataset:
+def _load_dataset(path, *, first_time_only: bool = False):
     """Open and load a netCDF/zarr file; a file that opens but cannot be read (cut short) is a clear error."""
     with open_dataset(path) as ds:
         if first_time_only and TIME_DIM in ds.dims and ds.sizes[TIME_DIM] > 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -243,8 +244,8 @@ class XarrayForecast:
         ds = self._squeeze_time(initial_state)
         coords, values, mask_var = self._observations(ds)
         times = lead_times(times)
-        query, out_space_dims, out_space_shape, out_coords = self._query(ds, at)
         n = values.shape[0]
+        query, out_space_dims, out_space_shape, out_coords = self._query(ds, at, num_states=n, num_times=times.size)
         if mask_var is not None:
             values = np.where(mask_var[..., None], values, np.nan)
         options = {} if max_steps is None else {"max_steps": max_steps}
@@ -353,7 +354,21 @@ class XarrayForecast:
             raise ValueError(f"'mask' leaves initial state(s) {empty} with no observed point.")
         return coords, values, mask
 
-    def _query(self, ds: xr.Dataset, at):
+    def _check_output_size(self, num_states: int, num_times: int, num_points: int, budget_fraction: float = 0.5) -> None:
+        """Refuse, before any allocation, a forecast whose output would take more than ``budget_fraction`` of the
+        memory available now (the float32 forecast, its copy in the Dataset, and the query coordinates)."""
+        channels, axes = len(self.variables), len(self.axes)
+        needed = 8 * num_states * num_times * num_points * channels + 16 * num_points * axes
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if needed > budget_fraction * available:
+            raise MemoryError(
+                f"this forecast needs about {needed / 2**30:.1f} GiB ({num_states} states x {num_times} times x "
+                f"{num_points} points x {channels} channels in float32, and the query coordinates) and "
+                f"{available / 2**30:.1f} GiB of memory is available: ask for fewer times, a coarser resolution or "
+                f"fewer states per call."
+            )
+
+    def _query(self, ds: xr.Dataset, at, *, num_states: int, num_times: int):
         """Query coordinates [Q, D], output spatial dims, shape and coordinate variables."""
         if at is None:
             first = ds[self.variables[0]]
@@ -390,6 +405,8 @@ class XarrayForecast:
                     raise ValueError(f"'at': grid coordinate '{a}' has duplicate values.")
             if space == (POINT_DIM,):
                 _require_distinct_points(np.stack(values, axis=-1), "'at'")
+        num_points = values[0].size if space == (POINT_DIM,) else int(np.prod([float(v.size) for v in values]))
+        self._check_output_size(num_states, num_times, num_points)
         if space == tuple(self.axes):
             coords = {a: ((a,), v, _axis_attrs(ds, a)) for a, v in zip(self.axes, values)}
             return grid_points(values), space, tuple(v.size for v in values), coords
@@ -464,10 +481,14 @@ class Forecaster(XarrayForecast):
             if not steps:
                 raise FileNotFoundError(f"run '{run_dir}' has no checkpoint yet.")
             if step is None:
-                step = max(steps)
+                # The newest checkpoint that restores: a damaged latest one never makes a run unusable.
+                step, restored, _, skipped = checkpointing.restore_newest(manager, nnx.state(modules), run_dir=f"'{run_dir}'")
+                if skipped:
+                    warnings.warn(f"{run_dir}: {checkpointing.describe_skipped(skipped)}; loaded step {step}.", stacklevel=2)
             elif step not in steps:
                 raise FileNotFoundError(f"run '{run_dir}' has no checkpoint at step {step}; it has {sorted(steps)}.")
-            restored, _ = checkpointing.restore(manager, step, nnx.state(modules))
+            else:
+                restored, _ = checkpointing.restore(manager, step, nnx.state(modules))
         finally:
             manager.close()
         nnx.update(modules, restored)

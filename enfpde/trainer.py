@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -316,12 +317,20 @@ class Trainer:
         checkpointing.save(manager, step, model_state, self._train_state(step))
 
     def _restore(self, manager) -> int:
-        step = manager.latest_step()
-        if step is None:
+        """Restore the newest checkpoint that restores (a damaged newer one is skipped, and said so)."""
+        if manager.latest_step() is None:
             return 0
-        model_state, train_state = checkpointing.restore(
-            manager, step, nnx.state(self.modules), self._train_state(0)
+        step, model_state, train_state, skipped = checkpointing.restore_newest(
+            manager, nnx.state(self.modules), self._train_state(0), run_dir=f"'{self.run_dir}'"
         )
+        if skipped:
+            kept = checkpointing.set_aside(self.run_dir, [bad for bad, _ in skipped])
+            tqdm.write(
+                f"{self.run_dir}: {checkpointing.describe_skipped(skipped)}; resuming from step {step}. The damaged "
+                f"checkpoint(s) were moved to {', '.join(map(str, kept))}, so the resumed run can write those steps again.",
+                file=sys.stderr,
+            )
+            manager.reload()
         nnx.update(self.modules, model_state)
         self.opt_states = {k: train_state[k] for k in STAGES}
         return int(train_state["step"])

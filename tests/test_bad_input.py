@@ -278,3 +278,46 @@ def test_debug_shows_the_traceback(tiny_run, tiny_data, tmp_path, capsys, monkey
     monkeypatch.setenv("ENFPDE_DEBUG", "0")
     assert cli_main(args) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+# -- damaged checkpoints ---------------------------------------------------------------------------------------
+def _damage(checkpoint_dir):
+    """Cut every data file of a checkpoint's model and train items to half its size."""
+    for path in checkpoint_dir.rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+
+
+def _leaves(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model.modules))]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval*"))
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    _damage(run / "checkpoints" / str(steps[-1]))
+    with pytest.warns(UserWarning, match=rf"skipped the damaged checkpoint at step {steps[-1]} .*loaded step {steps[-2]}"):
+        model = Forecaster.load(run)
+    assert model.step == steps[-2]
+    for x, y in zip(_leaves(model), _leaves(Forecaster.load(tiny_run, step=steps[-2]))):
+        np.testing.assert_array_equal(x, y)
+    for step in steps[:-1]:
+        _damage(run / "checkpoints" / str(step))
+    with pytest.raises(checkpointing.CheckpointError, match=rf"no checkpoint of .* restores: step {steps[-1]}: .*; step {steps[-2]}: "):
+        Forecaster.load(run)
+
+
+def test_resume_skips_a_damaged_latest_checkpoint_and_keeps_it(tiny_run, tiny_config, tmp_path, capsys):
+    """The resumed run continues from the previous checkpoint and ends where the uninterrupted run ended; the
+    damaged checkpoint is moved aside, not deleted."""
+    from enfpde.trainer import Trainer
+
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval*"))
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    _damage(run / "checkpoints" / str(steps[-1]))
+    Trainer(tiny_config, run, resume=True, progress=False).run()
+    assert f"skipped the damaged checkpoint at step {steps[-1]}" in capsys.readouterr().err
+    assert (run / "checkpoints" / f"damaged-{steps[-1]}").is_dir()
+    for x, y in zip(_leaves(Forecaster.load(run)), _leaves(Forecaster.load(tiny_run))):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
