@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 import pytest
 import xarray as xr
 
@@ -691,6 +692,27 @@ def test_generate_refuses_to_overwrite_before_reading(generated, files, monkeypa
     with pytest.raises(FileExistsError, match="refusing to overwrite existing file"):
         era5.generate_dataset(_config(files["cds_new"]), output_dir=generated["train"].parent, progress=False)
     assert before == {p: p.stat().st_mtime_ns for p in generated.values()}
+
+
+def test_generate_validates_every_split_before_writing_any(files, tmp_path, capsys):
+    """A test range outside the data fails before train.nc is written, through the API and the CLI; the fixed
+    config then generates without --overwrite."""
+    from enfpde.cli import main as cli_main
+
+    bad = _config(files["cds_new"], splits={
+        "train": {"start": "2017-01-01T00:00", "end": "2017-01-01T12:00"},
+        "test": {"start": "2018-06-01T00:00", "end": "2018-06-02T00:00"},
+    })
+    with pytest.raises(era5.Era5Error, match="split 'test'"):
+        era5.generate_dataset(bad, output_dir=tmp_path / "api", progress=False)
+    assert not (tmp_path / "api").exists() or list((tmp_path / "api").iterdir()) == []
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert cli_main(["generate", str(tmp_path / "bad.yaml"), "--output-dir", str(tmp_path / "cli"), "--quiet"]) == 2
+    assert "split 'test'" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists() or list((tmp_path / "cli").iterdir()) == []
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(_config(files["cds_new"])))
+    assert cli_main(["generate", str(tmp_path / "good.yaml"), "--output-dir", str(tmp_path / "cli"), "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["test.nc", "train.nc"]
 
 
 def test_generate_overwrite_and_subset(files, tmp_path):

@@ -1138,8 +1138,9 @@ def generate_dataset(
     """Write every split of an ERA5 dataset config as ``<output_dir>/<split>.nc`` (netCDF-4, trajectory schema).
 
     Each file holds the split's :func:`windows` with the normalisation statistics of the ``train`` split
-    (:func:`attach_normalization`) and the config as YAML. All target files are checked before the data is read;
-    each file is written under a temporary name and renamed into place (``write_netcdf_atomic``).
+    (:func:`attach_normalization`) and the config as YAML. All target files are checked before the data is read,
+    and every split's selection and windows before the first file is written; each file is written under a
+    temporary name and renamed into place (``write_netcdf_atomic``).
 
     Args:
       config_path_or_config: a dataset YAML path, a mapping, or an :class:`Era5Config`.
@@ -1168,6 +1169,14 @@ def generate_dataset(
     order = ["train"] + [s for s in config.splits if s != "train"]  # the statistics come from train
     from tqdm.auto import tqdm
 
+    # Validate every split (selection and windows, on one grid point per time) before the first file is written,
+    # so a config whose test range lies outside the data fails without leaving a train file behind.
+    for split in order:
+        try:
+            probe = to_fields(select(data, config.selection(split))).isel(latitude=slice(0, 1), longitude=slice(0, 1))
+            windows(probe, config.lead_hours, config.num_frames, config.start_every_hours)
+        except Era5Error as error:
+            raise Era5Error(f"split '{split}': {error}") from None
     directory.mkdir(parents=True, exist_ok=True)
     stats = None
     for split in tqdm(order, desc=config.name, unit=" split", disable=not progress):
