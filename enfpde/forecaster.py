@@ -570,8 +570,9 @@ class Forecaster(XarrayForecast):
         step = self.config.model.time_unit * self.config.model.dt0  # data time units per solver step
         needed = int(np.ceil(times[-1] / step - 1e-6))
         if needed > max_steps:
+            units = "" if self.time_units in ("", "1") else f" {self.time_units}"
             raise ValueError(
-                f"lead time {times[-1]:g} ({self.time_units}) needs {needed} solver steps of {step:g}, more than "
+                f"lead time {times[-1]:g}{units} needs {needed} solver steps of {step:g}{units}, more than "
                 f"max_steps = {max_steps}: pass a larger max_steps (CLI: --max-steps), or check the times' units "
                 f"(the model's horizon was {self.metadata.get('horizon_time', '?')})."
             )
