@@ -67,6 +67,9 @@ class ModelConfig:
     width_factor: float = 1.0
     inner_steps: int = 3
     inner_points: Optional[int] = None
+    # with inner_points: the inner steps fit disjoint subsets of the step's points and the stage-1 loss is
+    # measured on the points left over (the released code's sampling); see enfpde.encoder.MetaSGDEncoder
+    disjoint_subsets: bool = False
     first_order: bool = False
     pose_lr: float = 1.0
     context_lr: float = 5.0

@@ -53,16 +53,27 @@ def check_observations(field: EquivariantNeuralField, coords: Array, values: Arr
         raise ValueError(f"mask: expected shape [{B}, {M}] to match values {values.shape}, found {mask.shape}.")
 
 
-def _subset(key: Array, coords: Array, values: Array, mask: Array | None, size: int):
-    """A random subset of ``size`` points per field, observed points first. Returns ``[B, S, ...]``."""
-    B, M = values.shape[:2]
-    score = jax.random.uniform(key, (B, M))
+def point_order(key: Array, batch: int, num_points: int, mask: Array | None = None) -> Array:
+    """A random order of the points of each field, observed points first: ``[B, M]`` indices."""
+    score = jax.random.uniform(key, (batch, num_points))
     if mask is not None:
         score = score + 2.0 * (~mask)  # unobserved points sort last
-    idx = jnp.argsort(score, axis=1)[:, :size]  # [B, S]
+    return jnp.argsort(score, axis=1)
+
+
+def take_points(idx: Array, coords: Array, values: Array, mask: Array | None):
+    """The points ``idx [B, S]`` of each field: ``coords [M, D] | [B, M, D]``, ``values [B, M, C]``,
+    ``mask [B, M] | None`` -> ``[B, S, ...]``."""
+    B = values.shape[0]
     coords = jnp.broadcast_to(coords, (B,) + coords.shape[-2:])
     take = lambda t: jnp.take_along_axis(t, idx.reshape(idx.shape + (1,) * (t.ndim - 2)), axis=1)
     return take(coords), take(values), None if mask is None else take(mask)
+
+
+def _subset(key: Array, coords: Array, values: Array, mask: Array | None, size: int):
+    """A random subset of ``size`` points per field, observed points first. Returns ``[B, S, ...]``."""
+    B, M = values.shape[:2]
+    return take_points(point_order(key, B, M, mask)[:, :size], coords, values, mask)
 
 
 class MetaSGDEncoder(nnx.Module):
@@ -80,6 +91,10 @@ class MetaSGDEncoder(nnx.Module):
         lr_bounds: the learned step sizes are clipped to this range.
         learn_poses: if False the poses stay at the initial arrangement (inner step size 0).
         first_order: stop gradients through the inner gradients (first-order MAML); cheaper, less accurate.
+        disjoint_subsets: with ``inner_points``, inner step ``k`` fits points ``k S .. (k+1) S - 1`` of one random
+            order of the points (:meth:`subset_order`), so the steps see disjoint subsets (the released code's
+            sampling); the points after them are left for an outer loss (:func:`enfpde.training.reconstruction_loss`).
+            False: an independent random subset per step.
         width_factor: window width as a multiple of the latent spacing.
     """
 
@@ -97,6 +112,7 @@ class MetaSGDEncoder(nnx.Module):
         learn_poses: bool = True,
         first_order: bool = False,
         width_factor: float = 1.0,
+        disjoint_subsets: bool = False,
     ):
         if num_inner_steps < 0:
             raise ValueError(f"num_inner_steps must be >= 0, found {num_inner_steps}.")
@@ -107,6 +123,7 @@ class MetaSGDEncoder(nnx.Module):
         self.num_inner_steps, self.inner_points = num_inner_steps, inner_points
         self.lr_bounds, self.learn_poses, self.first_order = tuple(lr_bounds), learn_poses, first_order
         self.width_factor = width_factor
+        self.disjoint_subsets = disjoint_subsets
         # One context vector shared by every latent: z_init is then mapped onto itself by any symmetry that
         # permutes the initial arrangement, which end-to-end equivariance needs.
         self.initial_context = nnx.Param(jnp.ones((latent_dim,), jnp.float32))
@@ -119,6 +136,11 @@ class MetaSGDEncoder(nnx.Module):
             self.geometry, self.num_latents, self.latent_dim, batch_shape=(batch_size,), width_factor=self.width_factor
         )
         return z.replace(contexts=jnp.broadcast_to(self.initial_context[...], z.contexts.shape))
+
+    def subset_order(self, key: Array, values: Array, mask: Array | None) -> Array:
+        """The random order ``[B, M]`` whose consecutive slices of ``inner_points`` are the inner steps' subsets
+        when ``disjoint_subsets`` (a pure function of ``key``: the outer loss recomputes it)."""
+        return point_order(key, values.shape[0], values.shape[1], mask)
 
     def step_sizes(self) -> tuple[Array, Array]:
         """The clipped inner step sizes ``(pose [], context [latent_dim])``."""
@@ -162,9 +184,21 @@ class MetaSGDEncoder(nnx.Module):
             return masked_mse(pred, v, m).sum()  # sum over fields: each field's gradient is its own
 
         poses, contexts = z.poses, z.contexts
-        keys = jax.random.split(key, max(self.num_inner_steps, 1)) if subsample else [None] * self.num_inner_steps
-        for step in range(self.num_inner_steps):  # K is small and static: unrolled on purpose
-            c, v, m = _subset(keys[step], coords, values, mask, self.inner_points) if subsample else (coords, values, mask)
+        S, K = self.inner_points, self.num_inner_steps
+        if subsample and self.disjoint_subsets:
+            if K * S > M:
+                raise ValueError(
+                    f"disjoint inner subsets need num_inner_steps x inner_points = {K} x {S} <= {M} points, the number given."
+                )
+            order = self.subset_order(key, values, mask)
+            subsets = [take_points(order[:, k * S : (k + 1) * S], coords, values, mask) for k in range(K)]
+        elif subsample:
+            keys = jax.random.split(key, max(K, 1))
+            subsets = [_subset(keys[k], coords, values, mask, S) for k in range(K)]
+        else:
+            subsets = [(coords, values, mask)] * K
+        for step in range(K):  # K is small and static: unrolled on purpose
+            c, v, m = subsets[step]
             g_poses, g_contexts = jax.grad(inner_loss, argnums=(0, 1))(poses, contexts, c, v, m)
             if self.first_order:
                 g_poses, g_contexts = jax.lax.stop_gradient((g_poses, g_contexts))

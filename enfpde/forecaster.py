@@ -140,6 +140,7 @@ def build_modules(
         context_lr=model.context_lr,
         learn_poses=model.learn_poses,
         first_order=model.first_order,
+        disjoint_subsets=model.disjoint_subsets,
         width_factor=model.width_factor,
     )
     dynamics = EquivariantDynamics(

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from enfpde.dynamics import EquivariantDynamics
-from enfpde.encoder import MetaSGDEncoder, masked_mse
+from enfpde.encoder import MetaSGDEncoder, masked_mse, take_points
 from enfpde.field import EquivariantNeuralField
 from enfpde.forecaster import forecast_fields
 
@@ -41,8 +41,18 @@ class NeuralFieldAutoencoder(nnx.Module):
 
 
 def reconstruction_loss(model: NeuralFieldAutoencoder, coords, values, mask=None, *, key=None) -> Array:
-    """Stage-1 loss: mean over fields of the masked MSE of the Meta-SGD reconstruction. ``values [B, M, C]``."""
-    return masked_mse(model.reconstruct(coords, values, mask, key=key), values, mask).mean()
+    """Stage-1 loss: mean over fields of the masked MSE of the Meta-SGD reconstruction. ``values [B, M, C]``.
+
+    With disjoint inner subsets (``encoder.disjoint_subsets``) and points left over after them, the loss is
+    measured on those held-out points only, as in the released code: the decoder is trained to represent the
+    whole field from a fit to other points of it. Otherwise it is measured on every given point."""
+    encoder = model.encoder
+    z = encoder(model.field, coords, values, mask, key=key)
+    S, K, M = encoder.inner_points, encoder.num_inner_steps, values.shape[1]
+    if encoder.disjoint_subsets and S is not None and K * S < M:
+        held_out = encoder.subset_order(key, values, mask)[:, K * S :]
+        coords, values, mask = take_points(held_out, coords, values, mask)
+    return masked_mse(model.field(coords, z), values, mask).mean()
 
 
 def default_optimizer(

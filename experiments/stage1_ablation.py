@@ -57,6 +57,11 @@ VARIANTS = {
     "linear_modulation": ({"model.value_ffn": False}, "gamma and beta linear in the value embedding (no FFN)"),
     "no_value_mixer": ({"model.value_mixer": False}, "no pointwise FFN on each (query, latent) value"),
     "shallow_head": ({"model.deep_head": False}, "after attention one hidden layer instead of projection + FFN + 3-layer MLP"),
+    "released_sampling": (
+        {"train.num_points": 2048, "model.inner_points": 512, "model.disjoint_subsets": True},
+        "the released decoder with the released point sampling: 2048 points per step, each inner step fits its own "
+        "512, the loss is measured on the 512 left over (same compute per step)",
+    ),
 }
 
 

@@ -93,6 +93,35 @@ def test_random_subsets_need_a_key_and_depend_on_it(data):
     assert relative_error(c.contexts, a.contexts) > 1e-4
 
 
+def test_disjoint_subsets_fit_some_points_and_score_the_others(data):
+    """With disjoint subsets the fit reads only the K x S points of the inner steps, and the stage-1 loss only the
+    points left over: changing the held-out values changes the loss but not the latents."""
+    from enfpde.training import reconstruction_loss
+
+    coords, values = data
+    model = small_model(inner_points=32, disjoint_subsets=True)  # 3 x 32 = 96 of 128 points; 32 held out
+    key = jax.random.key(3)
+    order = np.asarray(model.encoder.subset_order(key, values, None))
+    fitted, held_out = order[:, :96], order[:, 96:]
+    assert all(len(set(row)) == 128 for row in order)  # a permutation: the subsets are disjoint
+    changed = np.asarray(values).copy()
+    for b in range(values.shape[0]):
+        changed[b, held_out[b]] += 1.0
+    z, z_changed = _encode(model, coords, values, key=key), _encode(model, coords, jnp.asarray(changed), key=key)
+    np.testing.assert_array_equal(z.contexts, z_changed.contexts)
+    np.testing.assert_array_equal(z.poses, z_changed.poses)
+    loss = float(reconstruction_loss(model, coords, values, key=key))
+    assert float(reconstruction_loss(model, coords, jnp.asarray(changed), key=key)) > loss + 0.5
+    pred = np.asarray(jit_decoder(model.field)(coords, z))
+    expected = np.mean([np.mean((pred[b, held_out[b]] - np.asarray(values)[b, held_out[b]]) ** 2) for b in range(values.shape[0])])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    changed_fit = np.asarray(values).copy()
+    changed_fit[0, fitted[0, 0]] += 1.0
+    assert relative_error(_encode(model, coords, jnp.asarray(changed_fit), key=key).contexts[0], z.contexts[0]) > 1e-6
+    with pytest.raises(ValueError, match=r"num_inner_steps x inner_points = 3 x 64 <= 128"):
+        small_model(inner_points=64, disjoint_subsets=True).encoder(model.field, coords, values, key=key)
+
+
 def test_learning_rates_are_clipped():
     encoder = MetaSGDEncoder(TORUS, num_latents=4, latent_dim=3, lr_bounds=(1e-6, 10.0))
     encoder.pose_lr[...] = jnp.asarray(100.0)
