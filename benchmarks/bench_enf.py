@@ -35,10 +35,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 CASES = ("stage1", "stage1-16", "stage1-first", "stage1-subset", "stage1-lean", "stage1-lean-16", "decode", "decode-lean")
-LEAN = dict(
-    num_frequencies=16, context_stem=False, full_width_heads=False, embedding_mlp=False, value_ffn=False,
-    value_mixer=False, deep_head=False,
-)
+
 REFERENCE = {  # REFERENCE.md section 5, the reference implementation on this machine type
     "stage1": {"median_s": 7.6, "peak_gb": 5.8, "compile_s": 42.0},
     "decode": {"median_s": 1.1, "peak_gb": 1.0},
@@ -51,6 +48,7 @@ def _build(first_order=False, inner_points=None, lean=False):
     from flax import nnx
 
     from enfpde import EquivariantNeuralField, MetaSGDEncoder, Torus
+    from enfpde.field import LEAN_DECODER as LEAN
     from enfpde.training import NeuralFieldAutoencoder
 
     torus = Torus((1.0, 1.0))

@@ -39,10 +39,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from enfpde.config import LEAN_DECODER as _LEAN_SWITCHES
 from enfpde.geometry import Geometry
 from enfpde.latents import Latents
 
 Array = jax.Array
+
+# Keyword arguments that make the lean decoder: every switch off and 16 Fourier frequencies (79k parameters at
+# the Navier-Stokes config, the decoder the package shipped first).
+LEAN_DECODER = {"num_frequencies": 16, **_LEAN_SWITCHES}
 
 # He initialisation for the ReLU layer of the embeddings (fan-in, variance 2): with LeCun's variance 1 the
 # ReLU halves the signal's energy at every pair from the first step.

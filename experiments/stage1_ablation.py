@@ -30,20 +30,13 @@ from flax import nnx
 from enfpde import checkpointing
 from enfpde.config import load_config
 from enfpde.data.trajectories import Normalizer, TrajectoryDataset, save_json_atomic
+from enfpde.field import LEAN_DECODER
 from enfpde.forecaster import Forecaster
 from enfpde.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
 
-LEAN = {
-    "model.num_frequencies": 16,
-    "model.context_stem": False,
-    "model.full_width_heads": False,
-    "model.embedding_mlp": False,
-    "model.value_ffn": False,
-    "model.value_mixer": False,
-    "model.deep_head": False,
-}
+LEAN = {f"model.{k}": v for k, v in LEAN_DECODER.items()}
 # variant -> (overrides, what it changes relative to the released decoder)
 VARIANTS = {
     "released": ({}, "the released decoder (531k parameters)"),

@@ -10,6 +10,7 @@ from flax import nnx
 
 from enfpde import AutoDecoder, EquivariantNeuralField, MetaSGDEncoder, fit_latents, masked_mse
 from enfpde import geometry as G
+from enfpde.field import LEAN_DECODER as LEAN
 from enfpde.testing import jit_decoder, relative_error
 from enfpde.training import NeuralFieldAutoencoder, default_optimizer, make_stage1_step
 
@@ -27,8 +28,12 @@ def smooth_fields(key, num_fields, coords, max_wavenumber=2):
     return (a @ np.cos(phase).T + b @ np.sin(phase).T)[..., None]
 
 
-def small_model(seed=0, **encoder_kwargs):
-    field = EquivariantNeuralField(TORUS, num_out=1, latent_dim=8, num_hidden=32, num_heads=2, rngs=nnx.Rngs(seed))
+
+
+def small_model(seed=0, field_kwargs=None, **encoder_kwargs):
+    field = EquivariantNeuralField(
+        TORUS, num_out=1, latent_dim=8, num_hidden=32, num_heads=2, rngs=nnx.Rngs(seed), **(field_kwargs or {})
+    )
     encoder = MetaSGDEncoder(TORUS, num_latents=4, latent_dim=8, **encoder_kwargs)
     return NeuralFieldAutoencoder(field, encoder)
 
@@ -208,7 +213,8 @@ def test_meta_training_teaches_the_three_step_fit():
 
 def test_auto_decoding_table_and_test_time_fit(data):
     coords, values = data
-    field = small_model().field
+    # An untrained lean decoder responds to its latents more directly; the threshold was calibrated on it.
+    field = small_model(field_kwargs=LEAN).field
     table = AutoDecoder(TORUS, num_fields=10, num_latents=4, latent_dim=8)
     z = table(jnp.array([3, 7]))
     assert z.poses.shape == (2, 4, 2) and z.contexts.shape == (2, 4, 8)

@@ -9,6 +9,7 @@ from flax import nnx
 
 from enfpde import EquivariantNeuralField, Latents
 from enfpde import geometry as G
+from enfpde.field import LEAN_DECODER as LEAN
 from enfpde.testing import assert_steerable, jit_decoder, random_latents, relative_error
 
 N, D, C = 6, 8, 2
@@ -79,10 +80,6 @@ def test_fast_path_equals_the_literal_formula(geometry):
     assert relative_error(jit_decoder(field)(x, z), reference) < 1e-5
 
 
-LEAN = dict(
-    num_frequencies=16, context_stem=False, full_width_heads=False, embedding_mlp=False, value_ffn=False,
-    value_mixer=False, deep_head=False,
-)
 DECODER_FORMS = {
     "lean": LEAN,
     "no_context_stem": {"context_stem": False},
