@@ -86,3 +86,19 @@ def tiny_run(tiny_config, shared_dir):
             train(tiny_config, run_dir, overwrite=True, progress=False)
             (shared_dir / "tiny_run.done").touch()
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def forecaster(tiny_run):
+    """The tiny run's forecaster (2 states per compiled call), loaded once per test module."""
+    from enfpde.forecaster import Forecaster
+
+    return Forecaster.load(tiny_run, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def initial(tiny_data):
+    """The tiny test split's initial states: ``(trajectory, time=1, y, x)``."""
+    import xarray as xr
+
+    return xr.open_dataset(tiny_data / "test.nc").isel(time=[0]).load()

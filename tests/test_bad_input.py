@@ -20,16 +20,6 @@ from enfpde.forecaster import Forecaster, NonFiniteForecastError
 TIMES = [0.0, 0.5, 1.0, 3.0]  # the shapes test_forecast_api compiles
 
 
-@pytest.fixture(scope="module")
-def forecaster(tiny_run):
-    return Forecaster.load(tiny_run, batch_size=2)
-
-
-@pytest.fixture(scope="module")
-def initial(tiny_data):
-    return xr.open_dataset(tiny_data / "test.nc").isel(time=[0]).load()
-
-
 def _points(d):
     return d.isel(time=0).stack(point=("y", "x")).reset_index("point")
 

@@ -5,24 +5,12 @@ own checks, or in a correct forecast (finite, the right dimensions and shape); n
 The valid draws reuse a few array shapes, so the compiled forecast is shared across examples."""
 
 import numpy as np
-import pytest
 import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enfpde.forecaster import Forecaster
 
 VALID_TIMES = ([0.0], [0.0, 0.5, 1.0, 3.0])
-
-
-@pytest.fixture(scope="module")
-def forecaster(tiny_run):
-    return Forecaster.load(tiny_run, batch_size=2)
-
-
-@pytest.fixture(scope="module")
-def initial(tiny_data):
-    return xr.open_dataset(tiny_data / "test.nc").isel(time=[0]).load()
 
 
 def _at(d, draw_index, values):

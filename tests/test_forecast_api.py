@@ -5,21 +5,10 @@ import pytest
 import xarray as xr
 
 from enfpde.cli import main as cli_main
-from enfpde.forecaster import Forecaster
 
 
 # One set of lead times and grids throughout: every distinct shape is a separate compilation.
 TIMES = [0.0, 0.5, 1.0, 3.0]
-
-
-@pytest.fixture(scope="module")
-def forecaster(tiny_run):
-    return Forecaster.load(tiny_run, batch_size=2)
-
-
-@pytest.fixture(scope="module")
-def initial(tiny_data):
-    return xr.open_dataset(tiny_data / "test.nc").isel(time=[0]).load()
 
 
 def test_forecast_on_the_input_grid_matches_predict(forecaster, initial):
