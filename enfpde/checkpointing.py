@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -75,13 +78,15 @@ def restore_newest(manager: ocp.CheckpointManager, model_target, train_target=No
         CheckpointError: the run has checkpoints and none restores (every reason is listed).
     """
     skipped = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            model_state, train_state = restore(manager, step, model_target, train_target)
-        except Exception as error:  # orbax and tensorstore raise many types for damaged files
-            skipped.append((step, f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"))
-            continue
-        return step, model_state, train_state, skipped
+    with _EventLoopNoiseFilter() as noise:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                model_state, train_state = restore(manager, step, model_target, train_target)
+            except Exception as error:  # orbax and tensorstore raise many types for damaged files
+                skipped.append((step, f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"))
+                noise.drop = True
+                continue
+            return step, model_state, train_state, skipped
     if not skipped:
         raise CheckpointError(f"{run_dir} has no checkpoint yet.")
     raise CheckpointError(
@@ -101,6 +106,53 @@ def set_aside(run_dir, steps) -> list[Path]:
         source.rename(target)
         moved.append(target)
     return moved
+
+
+class _EventLoopNoiseFilter:
+    """Hold back what is written to stderr (file descriptor 2) while checkpoints are restored, and write it back
+    afterwards. When a restore failed (``drop`` set), the lines of the tracebacks that orbax's reader threads
+    print for reads still pending on its closed event loop ("RuntimeError: Event loop is closed", dozens of
+    them per damaged checkpoint) are dropped: the failure itself is reported once, with the step skipped."""
+
+    _NOISE = ("Event loop is closed", "_check_closed", "call_soon_threadsafe", "Traceback (most recent call last)")
+
+    def __enter__(self):
+        self.drop = False
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+        except (OSError, ValueError):  # no usable file descriptor 2 (embedded interpreters): filter nothing
+            self._saved = None
+            return self
+        self._capture = tempfile.TemporaryFile()
+        os.dup2(self._capture.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is None:
+            return False
+        if self.drop:  # the failed restore's reader threads are still printing: wait until they are quiet
+            size, quiet_since, start = -1, time.monotonic(), time.monotonic()
+            while time.monotonic() - quiet_since < 0.5 and time.monotonic() - start < 5.0:
+                now = os.fstat(self._capture.fileno()).st_size
+                if now != size:
+                    size, quiet_since = now, time.monotonic()
+                time.sleep(0.05)
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._capture.seek(0)
+        text = self._capture.read().decode(errors="replace")
+        self._capture.close()
+        if self.drop:
+            text = "".join(
+                line for line in text.splitlines(keepends=True)
+                if line.strip() and not any(marker in line for marker in self._NOISE)
+            )
+        if text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        return False
 
 
 def describe_skipped(skipped) -> str:

@@ -311,3 +311,22 @@ def test_resume_skips_a_damaged_latest_checkpoint_and_keeps_it(tiny_run, tiny_co
     assert (run / "checkpoints" / f"damaged-{steps[-1]}").is_dir()
     for x, y in zip(_leaves(Forecaster.load(run)), _leaves(Forecaster.load(tiny_run))):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_damaged_checkpoints_on_the_command_line(tiny_run, tiny_data, tmp_path, capfd):
+    """A damaged latest checkpoint: the forecast is made from the previous one, with a warning and none of the
+    reader threads' tracebacks; every checkpoint damaged: one line, exit code 2, nothing written."""
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval*"))
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    _damage(run / "checkpoints" / str(steps[-1]))
+    capfd.readouterr()
+    with pytest.warns(UserWarning, match=f"skipped the damaged checkpoint at step {steps[-1]}"):
+        assert _forecast(run, tiny_data / "test.nc", tmp_path / "ok.nc", "--times", "0,0.5,1,3") == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err, err
+    for step in steps[:-1]:
+        _damage(run / "checkpoints" / str(step))
+    target = tmp_path / "never.nc"
+    assert _forecast(run, tiny_data / "test.nc", target, "--times", "0,1") == 2
+    assert "no checkpoint of" in _one_line(capfd.readouterr().err)
+    _no_output(tmp_path, target)
