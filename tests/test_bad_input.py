@@ -143,7 +143,19 @@ def _truncated_netcdf(tiny_data, path):
     return path
 
 
+def _real_grib(tiny_data, path):
+    """A real GRIB1 message (eccodes' sample), as a raw ERA5 download would be, for a model not trained on ERA5."""
+    eccodes = pytest.importorskip("eccodes", reason="GRIB needs the 'grib' extra (cfgrib, eccodes)")
+    message = eccodes.codes_grib_new_from_samples("regular_ll_sfc_grib1")
+    path = path.with_suffix(".grib")
+    with open(path, "wb") as target:
+        eccodes.codes_write(message, target)
+    eccodes.codes_release(message)
+    return path
+
+
 UNREADABLE = {
+    "a real GRIB file": (_real_grib, "cannot read"),
     "empty": (lambda d, p: (p.write_bytes(b""), p)[1], "is empty"),
     "text": (lambda d, p: (p.write_text("time,u\n0,1\n"), p)[1], "cannot read"),
     "truncated netCDF": (_truncated_netcdf, "cannot read|damaged"),
