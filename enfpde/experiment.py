@@ -7,7 +7,6 @@ the run directory and refuses to replace earlier output unless asked to.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -225,7 +224,7 @@ def forecast_file(
         raise ValueError("give either --at or --resolution, not both.")
     model = Forecaster.load(run_dir, batch_size=batch_size)
     times = lead_times(times)
-    model._check_step_budget(times, max_steps)
+    model.check_step_budget(times, max_steps)
     era5_config = _era5_dataset_config(model.config, input_path)
     if era5_config is not None and not _holds_variables(input_path, model.variables):
         from enfpde.data.era5 import initial_states
@@ -245,8 +244,7 @@ def forecast_file(
         location = regular_grid(model, resolution)
     forecast = model.forecast(initial, times, at=location, variables=variables, max_steps=max_steps)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp")
-    os.close(handle)
+    tmp = output_path.with_name(f".{output_path.name}.tmp")
     try:
         forecast.to_netcdf(tmp, engine="netcdf4")
         os.replace(tmp, output_path)

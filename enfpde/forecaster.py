@@ -10,7 +10,6 @@ own, shared with the baselines' forecasters (:mod:`enfpde.baselines`).
 from __future__ import annotations
 
 import functools
-
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -532,7 +531,7 @@ class Forecaster(XarrayForecast):
         check_monotone_times(times, "forecast times")
         if times[0] < 0:
             raise ValueError(f"forecast times are lead times and must be >= 0, found {times[0]}.")
-        self._check_step_budget(times, max_steps)
+        self.check_step_budget(times, max_steps)
         finite = np.isfinite(values)
         mask = finite.all(-1)
         if np.any(finite.any(-1) & ~mask):
@@ -565,7 +564,9 @@ class Forecaster(XarrayForecast):
         self._check_finite(prediction, normalized, mask, times)
         return prediction
 
-    def _check_step_budget(self, times: np.ndarray, max_steps) -> None:
+    def check_step_budget(self, times: np.ndarray, max_steps) -> None:
+        """Raise ValueError if the last of ``times`` (lead times, data units) needs more than ``max_steps`` solver
+        steps of the model's fixed step."""
         if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, found {max_steps!r}.")
         step = self.config.model.time_unit * self.config.model.dt0  # data time units per solver step

@@ -48,7 +48,7 @@ STAGES = ("stage1", "stage2", "joint")
 # optimiser's settings from here on (e.g. after a non-finite loss) or the bookkeeping does not change what
 # the steps already taken mean.
 RESUMABLE_CHANGES = {
-    "train.stage1.epochs",  # only while the run is still in stage 1 (checked in Trainer.run)
+    "train.stage1.epochs",  # only while the run is still in stage 1 (Trainer._check_stage1_change)
     "train.stage2.epochs",
     "train.joint.epochs",
     "train.stage1.learning_rate",
