@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -113,8 +114,16 @@ def run_variant(name: str, seed: int, args) -> dict:
 
 
 def mean_around(losses, step, width=10):
-    lo = max(step - width // 2, 0)
+    """Mean of the ``width`` losses centred on ``step`` (the last ``width`` at the end of the run)."""
+    lo = max(min(step - width // 2, len(losses) - width), 0)
     return float(np.mean(losses[lo : lo + width]))
+
+
+def _cpu() -> str:
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def report(all_scores: list[dict], args) -> None:
@@ -141,7 +150,7 @@ def report(all_scores: list[dict], args) -> None:
         ] + [f"{sc['test_frame0_mse'].get(str(s), float('nan')):.3f}" for s in evals]
         lines.append("| " + " | ".join(cells) + " |")
     reference = (
-        "| reference implementation (issue 14, same data) | 0 | 531k | 7.6 (80 fields) | 0.39 | 0.29 | "
+        "| reference implementation (issue 14, same data) | 0 | 531k | 7.6 (16 fields, another machine) | 0.39 | 0.29 | "
         + " | ".join({50: "0.54", 100: "0.33", 150: "0.36"}.get(s, "") for s in evals)
         + " |"
     )
@@ -149,14 +158,16 @@ def report(all_scores: list[dict], args) -> None:
     descriptions = "\n".join(f"- `{k}`: {v[1]}." for k, v in VARIANTS.items())
     text = f"""# Stage-1 decoder ablation (Navier-Stokes, released config)
 
-Command: `python experiments/stage1_ablation.py {' '.join(args.argv)}`
+Command: `python experiments/stage1_ablation.py --variants <names> --seeds <seeds>` (finished runs are kept; the
+table collects every run under {args.runs}).
 
-Machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}.
+Machine: {_cpu()}, {os.cpu_count()} cores, Python {platform.python_version()}, jax {jax.__version__}.
 Stage 1 only, preset `{args.preset}`, {args.frames} random frames per trajectory per step (batch 8: 16 fields),
 512 points, AdamW 1e-4. Training loss: raw units (normalised loss x training variance), mean of the 10 steps
 around the step named. Test frame-0: MSE in raw units on the 16 test trajectories, frame 0 fitted with the 3
 Meta-SGD steps on the full 64 x 64 grid and decoded there (mean w^2 is about 1.05). Step times include the other
-jobs that shared the 2 cores at the time; compare them with benchmarks/results/enf_core.md.
+jobs that shared the 2 cores at the time; compare them with benchmarks/results/enf_core.md. With the released
+sampling (`released_sampling`) the training loss is measured on held-out points, not on the fitted ones.
 
 {chr(10).join(lines)}
 
