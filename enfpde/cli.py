@@ -157,11 +157,15 @@ _NEGATIVE_NUMBERS = re.compile(r"^-\d|^-\.\d")
 
 def _join_negative_values(argv: list[str]) -> list[str]:
     """``--times -1,0,1`` -> ``--times=-1,0,1``: argparse would read a value that starts with '-' as an option."""
-    out = list(argv)
-    for i in range(len(out) - 1):
-        if out[i] == "--times" and _NEGATIVE_NUMBERS.match(out[i + 1]):
-            out[i : i + 2] = [f"--times={out[i + 1]}", ""]
-    return [a for a in out if a != ""]
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--times" and i + 1 < len(argv) and _NEGATIVE_NUMBERS.match(argv[i + 1]):
+            out.append(f"--times={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
