@@ -92,12 +92,36 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be positive, found {value}.")
 
 
+LR_DECAYS = ("constant", "cosine")
+
+
 @dataclasses.dataclass
 class StageConfig:
-    """One training stage: epochs (passes over the training trajectories) and the AdamW learning rate."""
+    """One training stage: epochs (passes over the training trajectories) and the AdamW learning rate.
+
+    The learning rate rises linearly from 0 over ``warmup_steps`` steps and then stays at ``learning_rate``
+    (``decay: constant``) or follows a cosine down to ``learning_rate * final_lr_fraction`` at the stage's last
+    step (``decay: cosine``). Lengthening a cosine stage on resume stretches the rest of its curve.
+    """
 
     epochs: int = 0
     learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    decay: str = "constant"
+    final_lr_fraction: float = 0.0
+
+    def __post_init__(self):
+        if self.decay not in LR_DECAYS:
+            raise ConfigError(f"train.<stage>.decay must be one of {list(LR_DECAYS)}, found {self.decay!r}.")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.<stage>.warmup_steps must be >= 0, found {self.warmup_steps}.")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ConfigError(f"train.<stage>.final_lr_fraction must be in [0, 1], found {self.final_lr_fraction}.")
+
+    @property
+    def is_constant(self) -> bool:
+        """Whether the learning rate is one number for the whole stage (no schedule state in the optimiser)."""
+        return self.warmup_steps == 0 and self.decay == "constant"
 
 
 @dataclasses.dataclass

@@ -37,6 +37,7 @@ from enfpde.rollout import solver_from_name
 from enfpde.training import (
     NeuralFieldAutoencoder,
     default_optimizer,
+    learning_rate_schedule,
     make_joint_step,
     make_stage1_step,
     make_stage2_step,
@@ -54,6 +55,17 @@ RESUMABLE_CHANGES = {
     "train.stage1.learning_rate",
     "train.stage2.learning_rate",
     "train.joint.learning_rate",
+    # A schedule's shape may change (its state is a step count either way), but not whether there is one:
+    # a constant rate keeps no step count in the optimiser state (Trainer._check_schedule_change).
+    "train.stage1.warmup_steps",
+    "train.stage2.warmup_steps",
+    "train.joint.warmup_steps",
+    "train.stage1.decay",
+    "train.stage2.decay",
+    "train.joint.decay",
+    "train.stage1.final_lr_fraction",
+    "train.stage2.final_lr_fraction",
+    "train.joint.final_lr_fraction",
     "train.clip_norm",
     "train.weight_decay",
     "train.checkpoint_every",
@@ -67,6 +79,19 @@ class NonFiniteLossError(RuntimeError):
 
 class RunExistsError(FileExistsError):
     """The run directory already holds a run and neither resume nor overwrite was asked for."""
+
+
+def _check_schedule_change(saved: RunConfig, requested: RunConfig) -> None:
+    """A resumed stage may reshape its learning-rate schedule but not gain or lose one: a schedule keeps a step
+    count in the optimiser state and a constant rate does not, so the saved state would not restore."""
+    for stage in STAGES:
+        old, new = getattr(saved.train, stage), getattr(requested.train, stage)
+        if old.is_constant != new.is_constant:
+            describe = lambda c: "a constant learning rate" if c.is_constant else f"a schedule (warmup {c.warmup_steps}, {c.decay})"
+            raise ConfigError(
+                f"cannot resume with train.{stage} changed from {describe(old)} to {describe(new)}: the saved optimiser "
+                f"state has no place for that. Keep the run's form (a schedule may change its shape) or start a new run."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +207,7 @@ class Trainer:
             saved = config_from_yaml(config_path)
             _check_resumable(saved, config)
             self._check_stage1_change(saved, config)
+            _check_schedule_change(saved, config)
         elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
             raise RunExistsError(
                 f"'{self.run_dir}' already holds a run: resume it with --resume, pick another directory, or "
@@ -288,7 +314,12 @@ class Trainer:
 
     def _optimizer(self, stage):
         tc = self.config.train
-        return default_optimizer(stage.learning_rate, tc.clip_norm, tc.weight_decay)
+        num_steps = stage.epochs * self.sampler.steps_per_epoch
+        lr = learning_rate_schedule(
+            stage.learning_rate, num_steps, warmup_steps=stage.warmup_steps, decay=stage.decay,
+            final_fraction=stage.final_lr_fraction,
+        )
+        return default_optimizer(lr, tc.clip_norm, tc.weight_decay)
 
     def _build_steps(self) -> None:
         field, encoder, dynamics = self.modules

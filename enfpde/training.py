@@ -55,10 +55,33 @@ def reconstruction_loss(model: NeuralFieldAutoencoder, coords, values, mask=None
     return masked_mse(model.field(coords, z), values, mask).mean()
 
 
+def learning_rate_schedule(
+    learning_rate: float, num_steps: int, *, warmup_steps: int = 0, decay: str = "constant", final_fraction: float = 0.0
+) -> float | optax.Schedule:
+    """The learning rate of a stage of ``num_steps`` steps: a float when it is constant, else an optax schedule
+    of the stage's own step count: linear warmup from 0 over ``warmup_steps``, then constant or a cosine down to
+    ``learning_rate * final_fraction`` at step ``num_steps``."""
+    if warmup_steps == 0 and decay == "constant":
+        return learning_rate
+    if decay == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=learning_rate,
+            warmup_steps=warmup_steps,
+            decay_steps=max(num_steps, warmup_steps + 1),
+            end_value=learning_rate * final_fraction,
+        )
+    if decay != "constant":
+        raise ValueError(f"decay must be 'constant' or 'cosine', found {decay!r}.")
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)], [warmup_steps]
+    )
+
+
 def default_optimizer(
-    learning_rate: float = 1e-4, clip_norm: float = 1.0, weight_decay: float = 1e-4
+    learning_rate: float | optax.Schedule = 1e-4, clip_norm: float = 1.0, weight_decay: float = 1e-4
 ) -> optax.GradientTransformation:
-    """AdamW with global-norm gradient clipping (REFERENCE section 1)."""
+    """AdamW with global-norm gradient clipping (REFERENCE section 1); ``learning_rate`` may be a schedule."""
     return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, weight_decay=weight_decay))
 
 

@@ -139,8 +139,10 @@ def report(all_scores: list[dict], args) -> None:
         + " |"
     )
     lines = [header, "|" + "---|" * (6 + len(evals))]
+    # Runs of an earlier form of a variant (their scores carry a "note") are listed after the current ones.
     order = list(VARIANTS)
-    for sc in sorted(all_scores, key=lambda s: (order.index(s["variant"]), s["seed"])):
+    rank = lambda s: (order.index(s["variant"]) if s["variant"] in order else len(order), s["variant"], s["seed"])
+    for sc in sorted(all_scores, key=rank):
         losses = np.asarray(sc["train_loss_raw"])
         cells = [
             sc["variant"], str(sc["seed"]), f"{sc['parameters'] / 1e3:.0f}k",
@@ -156,6 +158,9 @@ def report(all_scores: list[dict], args) -> None:
     )
     lines.append(reference)
     descriptions = "\n".join(f"- `{k}`: {v[1]}." for k, v in VARIANTS.items())
+    descriptions += "".join(
+        f"\n- `{sc['variant']}` (seed {sc['seed']}): {sc['note']}." for sc in sorted(all_scores, key=rank) if "note" in sc
+    )
     text = f"""# Stage-1 decoder ablation (Navier-Stokes, released config)
 
 Command: `python experiments/stage1_ablation.py --variants <names> --seeds <seeds>` (finished runs are kept; the
@@ -182,6 +187,7 @@ Variants (each changes one part of the released decoder to the lean form):
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {name: f"C{i}" for i, name in enumerate(VARIANTS)}
+    colors.update({sc["variant"]: "0.6" for sc in all_scores if sc["variant"] not in VARIANTS})
     for sc in all_scores:
         losses = np.asarray(sc["train_loss_raw"])
         smooth = np.convolve(losses, np.ones(10) / 10, mode="valid")

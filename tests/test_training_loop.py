@@ -284,3 +284,51 @@ def test_stage1_frames_draws_distinct_random_frames_per_trajectory(tiny_config, 
     with pytest.raises(ConfigError, match=r"train.stage1_frames = 5 must be in \[1, 4\]"):
         Trainer(_with_epochs(tiny_config, 1, 0, stage1_frames=5), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_learning_rate_schedules():
+    from enfpde.training import learning_rate_schedule
+
+    assert learning_rate_schedule(1e-3, 100) == 1e-3  # constant: a float, no schedule state
+    warm = learning_rate_schedule(1e-3, 100, warmup_steps=10)
+    np.testing.assert_allclose([warm(0), warm(5), warm(10), warm(99)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+    cosine = learning_rate_schedule(1e-3, 100, warmup_steps=10, decay="cosine", final_fraction=0.1)
+    np.testing.assert_allclose([cosine(0), cosine(10), cosine(55), cosine(100)], [0.0, 1e-3, 5.5e-4, 1e-4], rtol=1e-5)
+    assert all(cosine(s) >= cosine(s + 1) for s in range(10, 100))  # decays monotonically after the warmup
+    for override, message in [
+        ("train.stage1.decay=linear", r"decay must be one of \['constant', 'cosine'\], found 'linear'"),
+        ("train.stage2.warmup_steps=-1", "warmup_steps must be >= 0, found -1"),
+        ("train.joint.final_lr_fraction=2", r"final_lr_fraction must be in \[0, 1\], found 2.0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+
+
+def _with_stage1_schedule(config, **schedule):
+    t = config.train
+    return dataclasses.replace(config, train=dataclasses.replace(t, stage1=dataclasses.replace(t.stage1, **schedule)))
+
+
+def test_a_cosine_schedule_trains_resumes_and_cannot_be_dropped_on_resume(tiny_config, tmp_path):
+    config = _with_stage1_schedule(tiny_config, warmup_steps=1, decay="cosine", learning_rate=1e-2)
+    run = tmp_path / "cosine"
+    train(config, run, progress=False, stop_after=3)
+    # The schedule's step count is saved with the optimiser state: the resumed run equals the uninterrupted one.
+    Trainer(config, run, resume=True, progress=False).run()
+    whole = tmp_path / "whole"
+    train(config, whole, progress=False)
+    np.testing.assert_allclose(
+        [r["loss"] for r in checkpointing.read_metrics(run)], [r["loss"] for r in checkpointing.read_metrics(whole)], rtol=1e-6
+    )
+    # Step 0 has learning rate 0: the decoder's parameters do not move in the first step.
+    first = tmp_path / "first"
+    train(config, first, progress=False, stop_after=1)
+    fresh = Trainer(config, tmp_path / "fresh", progress=False)
+    for x, y in zip(model_leaves(first), [np.asarray(x) for x in jax.tree.leaves(nnx.state(fresh.modules))]):
+        np.testing.assert_array_equal(x, y)
+    # Reshaping the schedule on resume is allowed; dropping it (or adding one to a constant run) is refused.
+    Trainer(_with_stage1_schedule(config, final_lr_fraction=0.5), run, resume=True, progress=False)
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"train.stage1 changed from a schedule \(warmup 1, cosine\) to a constant"):
+        Trainer(_with_stage1_schedule(config, warmup_steps=0, decay="constant"), run, resume=True, progress=False)
+    assert (run / "config.yaml").read_text() == before
