@@ -428,12 +428,23 @@ def training_summary(run_dir: str | os.PathLike) -> dict:
     epochs: dict[str, set] = {}
     for r in by_step.values():
         epochs.setdefault(r["stage"], set()).add(int(r["epoch"]))  # the log's epochs count across stages
-    wall, previous = 0.0, 0.0
+    wall = float(cumulative_seconds(records)[-1]) if records else 0.0
+    return {"epochs": {stage: len(e) for stage, e in epochs.items()}, "steps": len(by_step), "wall_s": wall}
+
+
+def cumulative_seconds(records: list[dict], key: str = "elapsed_s") -> np.ndarray:
+    """Seconds since the start of training at each record of a metrics log, across resumed processes.
+
+    ``key`` is ``elapsed_s`` (wall time) or ``cpu_s`` (CPU time of the training process). Both restart from 0
+    in every resumed process, so each restart closes a segment (time spent killed is not counted)."""
+    out, offset, previous = [], 0.0, 0.0
     for r in records:
-        if r["elapsed_s"] < previous:  # a new process: close the previous segment
-            wall += previous
-        previous = r["elapsed_s"]
-    return {"epochs": {stage: len(e) for stage, e in epochs.items()}, "steps": len(by_step), "wall_s": wall + previous}
+        value = float(r.get(key, np.nan))
+        if value < previous:  # a new process
+            offset += previous
+        previous = value
+        out.append(offset + value)
+    return np.asarray(out)
 
 
 def _load_metrics(run_dir: Path, out_name: str, split: str) -> dict | None:

@@ -414,7 +414,7 @@ class Trainer:
         bar = tqdm(total=end, initial=start, disable=not self.progress, desc="training", unit="step", dynamic_ncols=True)
         base_key = jax.random.key(tc.seed)
         stage, params, rest, frozen, opt_state = None, None, None, None, None
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         with open(metrics_path, "a") as log:
             for step in range(start, end):
                 new_stage = self.schedule.stage(step)
@@ -462,7 +462,10 @@ class Trainer:
                         f"Lower train.{stage}.learning_rate or train.clip_norm and continue with --resume."
                     )
                 record = {"step": step, "epoch": epoch, "stage": stage, "loss": loss,
-                          "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                          "elapsed_s": round(time.perf_counter() - t_start, 3),
+                          # CPU seconds of every thread of this process: a cost that other jobs on the machine
+                          # inflate much less than the wall time (both restart from 0 on resume).
+                          "cpu_s": round(time.process_time() - cpu_start, 3)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.update(1)

@@ -31,6 +31,7 @@ from flax import nnx
 from enfpde import checkpointing
 from enfpde.config import load_config
 from enfpde.data.trajectories import Normalizer, TrajectoryDataset, save_json_atomic
+from enfpde.experiment import cumulative_seconds
 from enfpde.field import LEAN_DECODER
 from enfpde.forecaster import Forecaster
 from enfpde.trainer import Trainer
@@ -68,7 +69,13 @@ def frame0_test_mse(run_dir: Path, step: int, test: TrajectoryDataset) -> float:
 
 
 def run_variant(name: str, seed: int, args) -> dict:
-    run_dir = Path(args.runs) / f"{name}_s{seed}"
+    return train_and_score(Path(args.runs) / f"{name}_s{seed}", name, VARIANTS[name][0], seed, args.steps, args)
+
+
+def train_and_score(run_dir: Path, variant: str, variant_overrides: dict, seed: int, steps: int, args) -> dict:
+    """Train stage 1 of ``args.preset`` with ``variant_overrides`` for ``steps`` steps into ``run_dir`` and
+    score its checkpoints (every ``args.eval_every`` steps) on the test split's frame 0; a finished run's
+    scores.json is returned as it is."""
     scores_path = run_dir / "scores.json"
     if scores_path.exists():
         return json.loads(scores_path.read_text())
@@ -78,17 +85,17 @@ def run_variant(name: str, seed: int, args) -> dict:
         "train.stage2.epochs": 0,
         "train.joint.epochs": 0,
         "train.checkpoint_every": args.eval_every,
-        "train.keep_checkpoints": args.steps // args.eval_every + 1,
-        **VARIANTS[name][0],
+        "train.keep_checkpoints": steps // args.eval_every + 1,
+        **variant_overrides,
     }
     config = load_config(args.preset, [f"{k}={v}" for k, v in overrides.items()])
     steps_per_epoch = TrajectoryDataset.open(config.data.train).num_trajectories // config.train.batch_size
-    config.train.stage1.epochs = -(-args.steps // steps_per_epoch)
+    config.train.stage1.epochs = -(-steps // steps_per_epoch)
     resume = (run_dir / checkpointing.CONFIG_FILE).exists()
     start = time.perf_counter()
     trainer = Trainer(config, run_dir, resume=resume, overwrite=not resume, progress=not args.quiet)
     num_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(trainer.modules[0], nnx.Param)))  # decoder
-    trainer.run()
+    trainer.run(stop_after=steps)
     train_s = time.perf_counter() - start
 
     records = [r for r in checkpointing.read_metrics(run_dir) if r["stage"] == "stage1"]
@@ -96,16 +103,22 @@ def run_variant(name: str, seed: int, args) -> dict:
     variance = float(np.mean(Normalizer.from_dict(checkpointing.read_model_metadata(run_dir)["normalizer"]).std ** 2))
     test = TrajectoryDataset.open(config.data.test)
     evals = {}
-    for step in range(args.eval_every, args.steps + 1, args.eval_every):
+    for step in range(args.eval_every, steps + 1, args.eval_every):
         evals[step] = frame0_test_mse(run_dir, step, test)
-        print(f"{name} seed {seed} step {step}: test frame-0 MSE {evals[step]:.4f}", flush=True)
+        print(f"{run_dir.name} step {step}: test frame-0 MSE {evals[step]:.4f}", flush=True)
     step_times = np.diff([r["elapsed_s"] for r in records])
+    wall = cumulative_seconds(records, "elapsed_s")
+    cpu = cumulative_seconds(records, "cpu_s") if all("cpu_s" in r for r in records) else None
     scores = {
-        "variant": name,
+        "variant": variant,
         "seed": seed,
+        "overrides": variant_overrides,
         "parameters": num_params,
         "train_loss_raw": (losses * variance).tolist(),
         "test_frame0_mse": {str(k): v for k, v in evals.items()},
+        # Training time up to each scored step (s): wall, and CPU of the training process (None if not logged).
+        "wall_s_at": {str(k): float(wall[k - 1]) for k in evals},
+        "cpu_s_at": {str(k): float(cpu[k - 1]) for k in evals} if cpu is not None else None,
         "median_step_s": float(np.median(step_times[step_times > 0])) if len(step_times) else None,
         "train_wall_s": train_s,
     }
