@@ -33,6 +33,7 @@ RESULTS = Path(__file__).parent / "results"
 
 COSINE = {"train.stage1.warmup_steps": 10, "train.stage1.decay": "cosine", "train.stage1.final_lr_fraction": 0.05}
 FIRST_ORDER = {"model.first_order": True}
+TRAIN256 = {"dataset": "datasets/navier_stokes_train256.yaml", "data.train": "data/navier_stokes_train256/train.nc"}
 # variant -> (overrides, steps, description). Steps: about 15 minutes of the 2-core machine for each.
 VARIANTS = {
     "released": ({}, 90, "the released recipe: AdamW 1e-4, second-order inner gradients, 2 frames x 512 points"),
@@ -50,6 +51,13 @@ VARIANTS = {
     "first_order_lr3e-3_cosine": (
         {**FIRST_ORDER, "train.stage1.learning_rate": 3e-3, **COSINE}, 300,
         "first-order inner gradients, learning rate 3e-3 with warmup and cosine decay",
+    ),
+    "train256": (
+        TRAIN256, 90, "256 training trajectories instead of 16 (datasets/navier_stokes_train256.yaml; same test split)",
+    ),
+    "first_order_lr1e-3_cosine_train256": (
+        {**FIRST_ORDER, "train.stage1.learning_rate": 1e-3, **COSINE, **TRAIN256}, 300,
+        "first-order inner gradients, learning rate 1e-3 with warmup and cosine decay, 256 training trajectories",
     ),
 }
 
