@@ -87,6 +87,14 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that make a command one process of a multi-process job (enfpde.distributed.initialize)."""
+    group = parser.add_argument_group("multi-process runs (jax.distributed; also from SLURM or the ENFPDE_* variables)")
+    group.add_argument("--coordinator", default=None, help="host:port of process 0, reachable from every process")
+    group.add_argument("--num-processes", type=int, default=None, help="number of processes in the job")
+    group.add_argument("--process-id", type=int, default=None, help="this process's index, 0 ... num-processes - 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enfpde", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also ENFPDE_DEBUG=1)")
@@ -106,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.stage1.epochs=10")
+    add_distributed_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a run on its test split (and train split): tables and figures")
@@ -113,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG and GIF figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_distributed_arguments(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("forecast", help="forecast the initial states of a netCDF/zarr (or, ERA5 models, GRIB) file; write netCDF")
@@ -133,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the ODE solver's step budget (default 4096); lead times needing more steps are refused up front",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_distributed_arguments(p)
     p.set_defaults(func=_cmd_forecast)
 
     p = sub.add_parser("quickstart", help="generate small Navier-Stokes data, train, evaluate, forecast (<10 min)")
@@ -173,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("ENFPDE_DEBUG", "") not in ("", "0")
     try:
+        if hasattr(args, "process_id"):
+            from enfpde import distributed
+
+            distributed.initialize_from_args(args)  # several processes if the flags, ENFPDE_* or SLURM say so
         return args.func(args)
     except KeyboardInterrupt:
         print(f"enfpde {args.command}: interrupted", file=sys.stderr)

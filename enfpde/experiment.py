@@ -7,13 +7,14 @@ the run directory and refuses to replace earlier output unless asked to.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from enfpde import checkpointing
+from enfpde import checkpointing, distributed
 from enfpde.config import REPOSITORY_ROOT, RunConfig, config_from_yaml, load_config
 from enfpde.data.trajectories import TIME_DIM, SchemaError, TrajectoryDataset, open_dataset
 from enfpde.evaluation import evaluate, render_markdown, write_report, write_text_atomic
@@ -110,7 +111,20 @@ def evaluate_run(
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"evaluation output exists ({', '.join(existing)}); pass --overwrite to replace it.")
+    if not distributed.is_main_process():
+        # Several processes (enfpde.distributed): every one runs the same forecasts (they are split between the
+        # processes inside Forecaster.predict), and only process 0's files are kept.
+        with tempfile.TemporaryDirectory() as scratch:
+            _evaluate_into(model, config, run_dir, Path(scratch), meta, False, figures, overwrite=True)
+        distributed.barrier("enfpde-evaluated")
+        return report_path
+    _evaluate_into(model, config, run_dir, out, meta, progress, figures, overwrite)
+    distributed.barrier("enfpde-evaluated")
+    return report_path
 
+
+def _evaluate_into(model, config, run_dir, out: Path, meta, progress, figures, overwrite) -> None:
+    report_path = out / "report.md"
     start = time.perf_counter()
     results = evaluate_protocol(model, config, name="ENF", horizon_time=meta["horizon_time"], progress=progress)
     elapsed = time.perf_counter() - start
@@ -125,7 +139,6 @@ def evaluate_run(
         splits = [TrajectoryDataset.open(p, variables) if p else None for p in (d.test, d.test_fine, d.test_native)]
         sections.append(_figures(model, *splits, results["test"], out, meta, overwrite))
     write_text_atomic(report_path, "\n".join(sections))
-    return report_path
 
 
 def _figures(model, test, fine, native, result, out: Path, meta: dict, overwrite: bool) -> str:
@@ -243,6 +256,8 @@ def forecast_file(
     elif resolution is not None:
         location = regular_grid(model, resolution)
     forecast = model.forecast(initial, times, at=location, variables=variables, max_steps=max_steps)
+    if not distributed.is_main_process():
+        return output_path  # several processes: process 0 writes the forecast they computed together
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(f".{output_path.name}.tmp")
     try:
@@ -333,7 +348,10 @@ def ensure_dataset(config: RunConfig, *, progress: bool = True) -> None:
             f"some data files exist ({[str(p) for p in existing]}) but others are missing; remove them or "
             f"regenerate with `enfpde generate {dataset_yaml} --overwrite`."
         )
-    generated = generate_dataset(dataset_yaml, output_dir=files[0].parent, progress=progress)
+    if distributed.is_main_process():
+        generate_dataset(dataset_yaml, output_dir=files[0].parent, progress=progress)
+    distributed.barrier("enfpde-dataset")  # the other processes wait for process 0's files
+    generated = {p.stem: p for p in files[0].parent.glob("*.nc")}
     missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{dataset_yaml} generated {sorted(map(str, generated.values()))} but the config expects {missing}.")

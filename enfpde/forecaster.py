@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 from flax import nnx
 
-from enfpde import checkpointing
+from enfpde import checkpointing, distributed
 from enfpde.config import DataConfig, ModelConfig, RunConfig, config_from_yaml
 from enfpde.data.trajectories import POINT_DIM, TIME_DIM, TRAJECTORY_DIM, Normalizer, check_monotone_times, grid_points
 from enfpde.dynamics import EquivariantDynamics
@@ -548,10 +548,11 @@ class Forecaster(XarrayForecast):
                 f"{list(self.variables)}, mean {self.normalizer.mean.tolist()}, std {self.normalizer.std.tolist()}); "
                 f"more than {MAX_INPUT_DEVIATION:g} is not data this model can forecast: check the units and scale."
             )
-        outputs = []
         num_states = values.shape[0]
         chunk_size = min(self.batch_size, num_states)
-        for start in range(0, num_states, chunk_size):
+        starts = list(range(0, num_states, chunk_size))
+
+        def run(start: int) -> np.ndarray:
             chunk = np.arange(start, start + chunk_size)
             # Pad a short last chunk with copies of its first state: one compiled program serves every chunk.
             chunk = np.where(chunk < num_states, chunk, start)
@@ -559,7 +560,20 @@ class Forecaster(XarrayForecast):
                 self._state, coords_internal, jnp.asarray(normalized[chunk]), jnp.asarray(mask[chunk]),
                 jnp.asarray(times / self.config.model.time_unit, jnp.float32), query_internal, max_steps=int(max_steps),
             )
-            outputs.append(np.asarray(out)[: num_states - start])
+            return np.asarray(out)  # [chunk_size, T, Q, C]
+
+        count = jax.process_count()
+        if count == 1:
+            outputs = [run(start) for start in starts]
+        else:
+            # Several processes (enfpde.distributed): process p forecasts chunks p, p + count, ...; every process
+            # then receives all of them in order.
+            mine = [run(start) for start in starts[jax.process_index() :: count]]
+            per_process = -(-len(starts) // count)
+            mine += [np.zeros_like(mine[0] if mine else run(starts[0]))] * (per_process - len(mine))
+            gathered = distributed.gather(np.stack(mine))  # [count, per_process, chunk_size, T, Q, C]
+            outputs = [gathered[i % count, i // count] for i in range(len(starts))]
+        outputs = [out[: num_states - start] for out, start in zip(outputs, starts)]
         prediction = self.normalizer.denormalize(np.concatenate(outputs, axis=0)).astype(np.float32)
         self._check_finite(prediction, normalized, mask, times)
         return prediction

@@ -13,6 +13,7 @@ all-reduced by the compiler). The result equals the single-device step up to flo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from enfpde import checkpointing
+from enfpde import checkpointing, distributed
 from enfpde.config import ConfigError, RunConfig, config_from_yaml, to_yaml
 from enfpde.data.trajectories import BatchSampler, Normalizer, TrajectoryDataset, save_json_atomic
 from enfpde.forecaster import build_modules, make_geometry
@@ -182,7 +183,8 @@ class Trainer:
         self.sampler = BatchSampler(
             self.train_data, self.normalizer, tc.batch_size, tc.num_points, frames=slice(0, horizon), seed=tc.seed
         )
-        self.devices = list(devices) if devices is not None else jax.local_devices()
+        # Every device of the job: those of this process alone unless jax.distributed runs several processes.
+        self.devices = list(devices) if devices is not None else jax.devices()
         self._check_divisible()
         self.modules = build_modules(config.model, self.geometry, len(self.train_data.variables), tc.seed)
         # Train steps decode their num_points in one piece: lax.map chunks under the second-order gradient keep
@@ -195,7 +197,11 @@ class Trainer:
         self.times = jnp.asarray((times - times[0]) / config.model.time_unit, jnp.float32)
         self.mesh = Mesh(np.asarray(self.devices), ("batch",))
         self._build_steps()
-        self._prepare_run_dir(overwrite)
+        # Every process has checked the run directory before process 0 changes it (see enfpde.distributed).
+        distributed.barrier("enfpde-trainer-checked")
+        if distributed.is_main_process():
+            self._prepare_run_dir(overwrite)
+        distributed.barrier("enfpde-trainer-prepared")
 
     # -- run directory -----------------------------------------------------------------------------------
 
@@ -297,17 +303,21 @@ class Trainer:
         frames = self.config.train.stage1_frames
         return self.config.data.horizon if frames is None else frames
 
-    def _stage1_frames(self, values: np.ndarray, mask: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def _stage1_frames(
+        self, values: np.ndarray, mask: np.ndarray, step: int, rows: slice = slice(None)
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The frames of a batch that stage 1 fits at ``step``: ``[b, T, ...] -> [b * k, ...]``.
 
         With ``train.stage1_frames = k`` each trajectory contributes ``k`` distinct random frames, a pure
-        function of ``(seed, step)`` like the batch itself; otherwise every frame.
+        function of ``(seed, step)`` like the batch itself; otherwise every frame. ``values`` may be the
+        ``rows`` of the global batch that this process builds: the draws are those of the global batch.
         """
         b, t = values.shape[:2]
         k = self.stage1_frames
         if k < t:
             rng = np.random.default_rng([self.config.train.seed, 2, step])
-            idx = np.stack([np.sort(rng.choice(t, k, replace=False)) for _ in range(b)])  # [b, k]
+            global_b = self.config.train.batch_size if rows != slice(None) else b
+            idx = np.stack([np.sort(rng.choice(t, k, replace=False)) for _ in range(global_b)])[rows]  # [b, k]
             values = np.take_along_axis(values, idx.reshape(b, k, *([1] * (values.ndim - 2))), axis=1)
             mask = np.take_along_axis(mask, idx.reshape(b, k, *([1] * (mask.ndim - 2))), axis=1)
         return values.reshape((b * k,) + values.shape[2:]), mask.reshape((b * k,) + mask.shape[2:])
@@ -341,11 +351,12 @@ class Trainer:
         return {"step": jnp.asarray(step, jnp.int32), **self.opt_states}
 
     def _save(self, manager, step: int) -> None:
-        model_state = nnx.state(self.modules)
+        # Replicated over the mesh: orbax then writes every array once, whatever the number of processes.
+        model_state = self._replicate(nnx.state(self.modules))
         leaves = [x for x in jax.tree.leaves(model_state) if jnp.issubdtype(x.dtype, jnp.floating)]
-        if not bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))):  # one host round trip
+        if not bool(distributed.to_host(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))):
             raise NonFiniteLossError(f"parameters became non-finite at step {step}; not saving them.")
-        checkpointing.save(manager, step, model_state, self._train_state(step))
+        checkpointing.save(manager, step, model_state, self._replicate(self._train_state(step)))
 
     def _restore(self, manager) -> int:
         """Restore the newest checkpoint that restores (a damaged newer one is skipped, and said so)."""
@@ -355,7 +366,13 @@ class Trainer:
             manager, nnx.state(self.modules), self._train_state(0), run_dir=f"'{self.run_dir}'"
         )
         if skipped:
-            kept = checkpointing.set_aside(self.run_dir, [bad for bad, _ in skipped])
+            distributed.barrier("enfpde-restored")  # every process has read before process 0 moves files
+            damaged = [bad for bad, _ in skipped]
+            if distributed.is_main_process():
+                kept = checkpointing.set_aside(self.run_dir, damaged)
+            else:
+                kept = [self.run_dir / checkpointing.CHECKPOINT_DIR / f"damaged-{bad}" for bad in damaged]
+            distributed.barrier("enfpde-set-aside")
             tqdm.write(
                 f"{self.run_dir}: {checkpointing.describe_skipped(skipped)}; resuming from step {step}. The damaged "
                 f"checkpoint(s) were moved to {', '.join(map(str, kept))}, so the resumed run can write those steps again.",
@@ -374,9 +391,8 @@ class Trainer:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, path)
 
-    def _shard(self, x, batch_axis: bool):
-        spec = PartitionSpec("batch") if batch_axis else PartitionSpec()
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+    def _replicate(self, tree):
+        return distributed.replicate(tree, self.mesh)
 
     def run(self, *, stop_after: int | None = None) -> Path:
         """Train to the end of the schedule (or until global step ``stop_after``, for tests and budgets).
@@ -387,7 +403,8 @@ class Trainer:
         manager = checkpointing.checkpoint_manager(self.run_dir, max_to_keep=tc.keep_checkpoints)
         try:
             start = self._restore(manager) if self.resume else 0
-            self._truncate_metrics(start)
+            if distributed.is_main_process():
+                self._truncate_metrics(start)
             end = self.schedule.total_steps if stop_after is None else min(stop_after, self.schedule.total_steps)
             self._loop(manager, start, end)
             manager.wait_until_finished()
@@ -410,12 +427,17 @@ class Trainer:
 
     def _loop(self, manager, start: int, end: int) -> None:
         tc = self.config.train
+        main = distributed.is_main_process()  # logs and shows progress; every process trains
         metrics_path = self.run_dir / checkpointing.METRICS_FILE
-        bar = tqdm(total=end, initial=start, disable=not self.progress, desc="training", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=end, initial=start, disable=not (self.progress and main), desc="training", unit="step", dynamic_ncols=True
+        )
         base_key = jax.random.key(tc.seed)
+        times = self._replicate(self.times)
+        rows = distributed.process_rows(tc.batch_size)  # this process's trajectories of every batch
         stage, params, rest, frozen, opt_state = None, None, None, None, None
         t_start, cpu_start = time.perf_counter(), time.process_time()
-        with open(metrics_path, "a") as log:
+        with open(metrics_path, "a") if main else contextlib.nullcontext() as log:
             for step in range(start, end):
                 new_stage = self.schedule.stage(step)
                 if new_stage != stage:
@@ -424,30 +446,31 @@ class Trainer:
                         self.opt_states[stage] = opt_state
                     stage = new_stage
                     params, rest = self._stage_params(stage)
-                    params, rest = self._shard(params, False), self._shard(rest, False)
-                    opt_state = self._shard(self.opt_states[stage], False)
+                    params, rest = self._replicate(params), self._replicate(rest)
+                    opt_state = self._replicate(self.opt_states[stage])
                     if stage == "stage2":
-                        frozen = self._shard(nnx.state((self.modules[0], self.modules[1])), False)
+                        frozen = self._replicate(nnx.state((self.modules[0], self.modules[1])))
                     bar.set_description(stage)
-                batch = self.sampler(step)
-                key = jax.random.fold_in(base_key, step)
-                coords = self._shard(self.geometry.coords_from_user(batch.coords), False)
+                batch = self.sampler(step, rows=rows)
+                key = self._replicate(jax.random.fold_in(base_key, step))
+                coords = self._replicate(self.geometry.coords_from_user(batch.coords))
                 mask = None
+                shard = lambda x: distributed.shard_rows(x, self.mesh)
                 if stage == "stage1":
-                    values, fields_mask = self._stage1_frames(batch.values, batch.mask, step)
-                    values = self._shard(values, True)
+                    values, fields_mask = self._stage1_frames(batch.values, batch.mask, step, rows)
+                    values = shard(values)
                     if self.has_missing:
-                        mask = self._shard(fields_mask, True)
+                        mask = shard(fields_mask)
                     params, opt_state, loss = self.step1(params, opt_state, rest, coords, values, key, mask)
                 else:
-                    values = self._shard(batch.values, True)
+                    values = shard(batch.values)
                     if self.has_missing:
-                        mask = self._shard(batch.mask, True)
+                        mask = shard(batch.mask)
                     if stage == "stage2":
-                        params, opt_state, loss = self.step2(params, opt_state, rest, frozen, coords, values, self.times, key, mask)
+                        params, opt_state, loss = self.step2(params, opt_state, rest, frozen, coords, values, times, key, mask)
                     else:
-                        params, opt_state, loss = self.step3(params, opt_state, rest, coords, values, self.times, key, mask)
-                loss = float(loss)
+                        params, opt_state, loss = self.step3(params, opt_state, rest, coords, values, times, key, mask)
+                loss = float(distributed.to_host(loss))
                 epoch = step // self.schedule.steps_per_epoch
                 if not math.isfinite(loss):
                     bar.close()
@@ -466,8 +489,9 @@ class Trainer:
                           # CPU seconds of every thread of this process: a cost that other jobs on the machine
                           # inflate much less than the wall time (both restart from 0 on resume).
                           "cpu_s": round(time.process_time() - cpu_start, 3)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                if main:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3e}", epoch=epoch)
                 done = step + 1

@@ -25,8 +25,10 @@ from pathlib import Path
 import xarray as xr
 from omegaconf import OmegaConf
 
+from enfpde import distributed
 from enfpde.baselines.common import num_parameters
 from enfpde.benchmark import machine_line
+from enfpde.cli import add_distributed_arguments
 from enfpde.config import REPOSITORY_ROOT, load_config
 from enfpde.data import era5
 from enfpde.evaluation import check_writable, write_text_atomic
@@ -190,7 +192,9 @@ def main(argv=None) -> None:
     parser.add_argument("--overwrite-data", action="store_true", help="regenerate the train/test files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="era5.KEY=VALUE (dataset) or SECTION.KEY=VALUE (run config)")
+    add_distributed_arguments(parser)
     args = parser.parse_args(argv)
+    distributed.initialize_from_args(args)
     if args.preset == "hourly" and args.source is None:
         parser.error("the hourly preset reads your ERA5 archive: give --source PATH (a zarr store, a directory of CDS "
                      "files or one file), or run --preset quick on the sample beside the project.")
@@ -204,7 +208,10 @@ def main(argv=None) -> None:
         table = Path(args.table or f"experiments/results/{base.name}.md")
         check_writable(table, args.overwrite or args.resume)  # fail before training, not after
         data_dir = Path(args.data_dir or f"data/{config.name}")
-        files = ensure_era5_files(config, data_dir, overwrite=args.overwrite_data, progress=not args.quiet)
+        if distributed.is_main_process():  # several processes: process 0 cuts the archive, the others wait
+            ensure_era5_files(config, data_dir, overwrite=args.overwrite_data, progress=not args.quiet)
+        distributed.barrier("enfpde-era5-files")
+        files = ensure_era5_files(config, data_dir, overwrite=False, progress=False)
         tied = run_overrides(config, files, base.dataset or "")
         runs = {}
         for geometry in args.geometries:
@@ -218,6 +225,8 @@ def main(argv=None) -> None:
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         parser.exit(2, f"error: {error}\n")
     report = era5_markdown(runs, config, title=f"ERA5, preset `{args.preset}`, lead time {config.lead_hours:g} h", command=command)
+    if not distributed.is_main_process():
+        return  # several processes: process 0 writes the table
     table.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(table, report)
     print(report)

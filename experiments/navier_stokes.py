@@ -11,6 +11,8 @@ Writes runs/<name>/ (checkpoints, metrics.jsonl, eval/report.md with the tables 
 import argparse
 from pathlib import Path
 
+from enfpde import distributed
+from enfpde.cli import add_distributed_arguments
 from enfpde.config import load_config
 from enfpde.experiment import default_run_dir, run_experiment
 
@@ -23,7 +25,9 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.stage1.epochs=10")
+    add_distributed_arguments(parser)
     args = parser.parse_args()
+    distributed.initialize_from_args(args)
     config = load_config(args.preset, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
     report = run_experiment(config, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)

@@ -15,7 +15,9 @@ experiments/results/shallow_water_<preset>.md), refusing to replace an existing 
 import argparse
 from pathlib import Path
 
+from enfpde import distributed
 from enfpde.benchmark import machine_line
+from enfpde.cli import add_distributed_arguments
 from enfpde.config import load_config
 from enfpde.evaluation import check_writable, write_text_atomic
 from enfpde.experiment import comparison_markdown, run_experiment
@@ -35,7 +37,9 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing runs and the table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.stage1.epochs=10")
+    add_distributed_arguments(parser)
     args = parser.parse_args()
+    distributed.initialize_from_args(args)
 
     preset = f"shallow_water_{args.preset}" if args.preset in ("quick", "paper") else args.preset
     base = load_config(preset, args.overrides)
@@ -56,6 +60,8 @@ def main() -> None:
     )
     report += f"\nCommand: `{command}`. Errors in the reference's units (eval.variable_scales).\n"
     report += f"Machine: {machine_line()}.\n"
+    if not distributed.is_main_process():
+        return  # several processes: process 0 writes the table
     table.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(table, report)
     print(report)

@@ -52,6 +52,15 @@ VARIANTS = {
         {**FIRST_ORDER, "train.stage1.learning_rate": 3e-3, **COSINE}, 300,
         "first-order inner gradients, learning rate 3e-3 with warmup and cosine decay",
     ),
+    "latents16_k4_first_order_lr1e-3_cosine": (
+        {**FIRST_ORDER, "train.stage1.learning_rate": 1e-3, **COSINE, "model.num_latents": 16, "model.k_nearest": 4}, 300,
+        "16 latents (a 4 x 4 grid, widths for its spacing), each point attends to its 4 nearest; first-order, "
+        "learning rate 1e-3 with warmup and cosine decay",
+    ),
+    "latents64_k4_first_order_lr1e-3_cosine": (
+        {**FIRST_ORDER, "train.stage1.learning_rate": 1e-3, **COSINE, "model.num_latents": 64, "model.k_nearest": 4}, 300,
+        "64 latents (8 x 8), 4 nearest per point; first-order, learning rate 1e-3 with warmup and cosine decay",
+    ),
     "train256": (
         TRAIN256, 90, "256 training trajectories instead of 16 (datasets/navier_stokes_train256.yaml; same test split)",
     ),

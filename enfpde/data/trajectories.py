@@ -331,10 +331,12 @@ class BatchSampler:
         self.seed = int(seed)
         self.steps_per_epoch = dataset.num_trajectories // batch_size
 
-    def __call__(self, step: int) -> Batch:
+    def __call__(self, step: int, rows: slice = slice(None)) -> Batch:
+        """The batch of ``step``; with ``rows``, only those rows of it (the share of one process of a
+        multi-process run: the batch's trajectories and points are those of the whole batch)."""
         epoch, index = divmod(int(step), self.steps_per_epoch)
         order = np.random.default_rng([self.seed, 0, epoch]).permutation(self.values.shape[0])
-        trajectories = np.sort(order[index * self.batch_size : (index + 1) * self.batch_size])
+        trajectories = np.sort(order[index * self.batch_size : (index + 1) * self.batch_size])[rows]
         m = self.coords.shape[0]
         points = np.random.default_rng([self.seed, 1, step]).choice(m, self.num_points, replace=False) if self.num_points < m else np.arange(m)
         return Batch(
