@@ -1,7 +1,7 @@
 """One process of the multi-process tests (tests/test_distributed.py): `enfpde train` through the CLI, then a
 forecast of the test split's initial states with the trained model.
 
-    python tests/distributed_worker.py PRESET RUN_DIR [--resume] [--kill-at-step K] [--predict OUT.npy]
+    python tests/distributed_worker.py PRESET RUN_DIR [--resume] [--kill-at-step K] [--predict OUT.npy] [--evaluate]
         [--coordinator HOST:PORT --num-processes N --process-id I] [--devices D]
 
 ``--kill-at-step K``: process 1 kills itself with SIGKILL right after its checkpoint at step K is written
@@ -22,6 +22,7 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at-step", type=int, default=None)
     parser.add_argument("--predict", default=None)
+    parser.add_argument("--evaluate", action="store_true", help="then `enfpde evaluate` the run (no figures)")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--coordinator", default=None)
     parser.add_argument("--num-processes", type=int, default=None)
@@ -63,6 +64,10 @@ def main() -> int:
         prediction = model.predict(test.coords, test.values[:, 0], np.arange(4.0))
         if jax.process_index() == 0:
             np.save(args.predict, prediction)
+    if args.evaluate:
+        code = cli.main(["evaluate", args.run_dir, "--no-figures", "--quiet", *distributed_flags])
+        if code != 0:
+            return code
     print(f"process {jax.process_index()} of {jax.process_count()} with {jax.local_device_count()} device(s): done", flush=True)
     return 0
 

@@ -92,13 +92,13 @@ def preset(tiny_config, tmp_path_factory):
 def reference(preset):
     """One process with two simulated devices: the run directory and its forecast."""
     run_dir = preset.parent / "reference"
-    finish(start(preset, run_dir, "--predict", preset.parent / "reference.npy", devices=2))
+    finish(start(preset, run_dir, "--predict", preset.parent / "reference.npy", "--evaluate", devices=2))
     return run_dir
 
 
 def test_two_processes_train_and_forecast_like_one_process_with_two_devices(preset, reference):
     run_dir = preset.parent / "two"
-    outputs = finish(*two_processes(preset, run_dir, "--predict", preset.parent / "two.npy"))
+    outputs = finish(*two_processes(preset, run_dir, "--predict", preset.parent / "two.npy", "--evaluate"))
     assert "process 0 of 2 with 1 device(s): done" in outputs[0] and "process 1 of 2 with 1 device(s): done" in outputs[1]
     assert_same_run(run_dir, reference)
     # One consistent checkpoint per step, metrics written once (by process 0).
@@ -106,6 +106,11 @@ def test_two_processes_train_and_forecast_like_one_process_with_two_devices(pres
     assert len(checkpointing.read_metrics(run_dir)) == 10
     # The forecast's chunks (one state each: 3 chunks over 2 processes) are gathered in order.
     np.testing.assert_allclose(np.load(preset.parent / "two.npy"), np.load(preset.parent / "reference.npy"), rtol=1e-4, atol=1e-5)
+    # `enfpde evaluate` on two processes: one report, written by process 0, with the one-process numbers.
+    two, one = (json.loads((d / "eval" / "test" / "metrics.json").read_text())["settings"] for d in (run_dir, reference))
+    assert two.keys() == one.keys() and len(two) > 1
+    for setting in one:
+        np.testing.assert_allclose(two[setting]["model"]["per_frame"], one[setting]["model"]["per_frame"], rtol=1e-3)
 
 
 def test_a_killed_process_resumes_on_two_processes_or_on_one(preset, reference):
