@@ -21,6 +21,9 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = REPOSITORY_ROOT / "experiments" / "configs"
 
 
+SPHERE_GEOMETRIES = ("sphere", "axial_sphere", "absolute_sphere")
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where the data is and how it is split in time.
@@ -30,6 +33,11 @@ class DataConfig:
     ``periods`` are the torus periods in the units of the coordinates (ordered like the spatial dimensions).
     ``test_fine`` holds the test trajectories at a finer frame interval (temporal super-resolution),
     ``test_native`` the same frames on a finer grid (zero-shot spatial super-resolution).
+
+    ``region`` (sphere geometries only) is the latitude-longitude box ``[south, north, west, east]`` in degrees
+    that the initial latents cover (enfpde.geometry.LatLonBox); ``null`` with ``auto_region`` (the default)
+    takes the box of the training data's points when they do not cover the globe, and the whole sphere when
+    they do. The trainer saves the box it used in the run's config.yaml, so the model keeps it.
     """
 
     train: str = "data/navier_stokes/train.nc"
@@ -41,6 +49,22 @@ class DataConfig:
     geometry: str = "torus"
     periods: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0])
     periodic_axes: list[str] = dataclasses.field(default_factory=lambda: ["y", "x"])
+    region: Optional[list[float]] = None
+    auto_region: bool = True
+
+    def __post_init__(self):
+        if self.region is not None:
+            if self.geometry not in SPHERE_GEOMETRIES:
+                raise ConfigError(
+                    f"data.region is a latitude-longitude box for the sphere geometries {list(SPHERE_GEOMETRIES)}; "
+                    f"data.geometry is {self.geometry!r}."
+                )
+            from enfpde.geometry import LatLonBox
+
+            try:
+                LatLonBox.from_list(self.region)
+            except ValueError as error:
+                raise ConfigError(f"data.{error}") from None
 
 
 @dataclasses.dataclass

@@ -86,20 +86,24 @@ def forecast_fields(
 
 def make_geometry(data: DataConfig) -> Geometry:
     """The geometry named by ``data.geometry`` (``torus``, ``plane``, ``sphere``, ``axial_sphere``,
-    ``absolute`` (the torus without symmetry) or ``absolute_sphere``)."""
+    ``absolute`` (the torus without symmetry) or ``absolute_sphere``), regional on the sphere when
+    ``data.region`` is set."""
     name = data.geometry
+    region = tuple(data.region) if data.region is not None else None
+    if region is not None and name not in ("sphere", "axial_sphere", "absolute_sphere"):
+        raise ValueError(f"data.region is for the sphere geometries; data.geometry is {name!r}.")
     if name == "torus":
         return Torus(tuple(data.periods))
     if name == "plane":
         return Plane()
     if name == "sphere":
-        return Sphere()
+        return Sphere(region=region)
     if name == "axial_sphere":
-        return AxialSphere()
+        return AxialSphere(region=region)
     if name == "absolute":
         return AbsolutePosition(Torus(tuple(data.periods)))
     if name == "absolute_sphere":
-        return AbsolutePosition(Sphere())
+        return AbsolutePosition(Sphere(region=region))
     raise ValueError(
         f"unknown geometry {name!r}; expected torus, plane, sphere, axial_sphere, absolute or absolute_sphere."
     )

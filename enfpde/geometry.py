@@ -461,13 +461,131 @@ def _rotation_z(angle: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatLonBox:
+    """A latitude-longitude box in degrees: ``south <= latitude <= north`` and longitudes from ``west``
+    eastwards to ``east`` (it may cross the 0 / 360 meridian: ``west=350, east=20``; ``east - west`` of 360
+    is a full latitude band). Stored as ``[south, north, west, east]`` in configs."""
+
+    south: float
+    north: float
+    west: float
+    east: float
+
+    def __post_init__(self):
+        values = (self.south, self.north, self.west, self.east)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"region: expected finite [south, north, west, east] in degrees, found {list(values)}.")
+        if not -90.0 <= self.south < self.north <= 90.0:
+            raise ValueError(
+                f"region: expected -90 <= south < north <= 90 degrees, found south {self.south}, north {self.north}."
+            )
+        if not 0.0 < self.lon_extent <= 360.0:
+            raise ValueError(f"region: west {self.west} and east {self.east} leave no longitude range.")
+
+    @classmethod
+    def from_list(cls, values) -> "LatLonBox":
+        values = [float(v) for v in values]
+        if len(values) != 4:
+            raise ValueError(f"region: expected [south, north, west, east] in degrees, found {values}.")
+        return cls(*values)
+
+    def as_list(self) -> list[float]:
+        return [self.south, self.north, self.west, self.east]
+
+    @property
+    def lon_extent(self) -> float:
+        """Degrees of longitude from west to east (360 for a full band)."""
+        extent = self.east - self.west
+        return extent if 0.0 < extent <= 360.0 else float(np.mod(extent, 360.0)) or 360.0
+
+    @property
+    def area(self) -> float:
+        """Solid angle (steradians) of the box on the unit sphere."""
+        return (math.sin(math.radians(self.north)) - math.sin(math.radians(self.south))) * math.radians(self.lon_extent)
+
+    def contains(self, latlon_deg, tolerance_deg: float = 1e-6) -> np.ndarray:
+        """Whether each ``(latitude, longitude)`` point ``[..., 2]`` lies in the box."""
+        c = np.asarray(latlon_deg, np.float64)
+        lat_ok = (c[..., 0] >= self.south - tolerance_deg) & (c[..., 0] <= self.north + tolerance_deg)
+        offset = np.mod(c[..., 1] - self.west + tolerance_deg, 360.0)
+        return lat_ok & (offset <= self.lon_extent + 2 * tolerance_deg)
+
+    def grid_shape(self, num_latents: int) -> tuple[int, int]:
+        """``(n_lat, n_lon)`` with ``n_lat * n_lon = N`` and cells as square as the factors of ``N`` allow
+        (the longitude extent measured at the box's mid-latitude)."""
+        mid = math.cos(math.radians(0.5 * (self.south + self.north)))
+        aspect = (self.north - self.south, max(self.lon_extent * mid, 1e-6))
+        n_lat, n_lon = _balanced_factors(num_latents, 2, aspect)
+        return n_lat, n_lon
+
+    def grid(self, num_latents: int) -> np.ndarray:
+        """Cell centres ``[N, 2]`` (latitude, longitude) of an ``n_lat x n_lon = N`` grid over the box, with
+        cells as square as the factors of ``N`` allow (longitude extent measured at the box's mid-latitude)."""
+        n_lat, n_lon = self.grid_shape(num_latents)
+        # Equal-area latitude rows: cell centres at the middle of equal slices of sin(latitude).
+        z = np.sin(np.deg2rad(self.south)) + (np.arange(n_lat) + 0.5) / n_lat * (
+            np.sin(np.deg2rad(self.north)) - np.sin(np.deg2rad(self.south))
+        )
+        lat = np.rad2deg(np.arcsin(z))
+        lon = self.west + (np.arange(n_lon) + 0.5) * self.lon_extent / n_lon
+        grid_lat, grid_lon = np.meshgrid(lat, lon, indexing="ij")
+        return np.stack([grid_lat.ravel(), np.mod(grid_lon.ravel(), 360.0)], -1)
+
+    @classmethod
+    def around(cls, latlon_deg) -> "LatLonBox | None":
+        """The smallest box holding the points ``[..., 2]``, widened by half a grid step on every side (cells
+        centred on the edge points lie inside); ``None`` when the points cover the globe (every longitude
+        without a gap wider than two grid steps, and latitudes from within 15 degrees of either pole)."""
+        c = np.asarray(latlon_deg, np.float64).reshape(-1, 2)
+        lat = np.unique(c[:, 0])
+        lon = np.unique(np.mod(c[:, 1], 360.0))
+        lat_step = float(np.median(np.diff(lat))) if lat.size > 1 else 1.0
+        if lon.size > 1:
+            gaps = np.diff(np.concatenate([lon, lon[:1] + 360.0]))  # gap after each longitude, eastwards
+            widest = int(np.argmax(gaps))
+            lon_step = float(np.median(gaps))
+            full_circle = gaps[widest] <= 2.0 * lon_step
+        else:
+            widest, lon_step, full_circle, gaps = 0, 1.0, False, np.array([360.0])
+        if full_circle and lat[0] <= -75.0 and lat[-1] >= 75.0:
+            return None
+        south = max(-90.0, lat[0] - 0.5 * lat_step)
+        north = min(90.0, lat[-1] + 0.5 * lat_step)
+        if full_circle:
+            west, east = 0.0, 360.0
+        else:
+            west = float(lon[(widest + 1) % lon.size]) - 0.5 * lon_step  # the first longitude after the gap
+            east = west + (360.0 - gaps[widest]) + lon_step
+        return cls(float(south), float(north), float(np.mod(west, 360.0)), float(np.mod(west, 360.0) + (east - west)))
+
+
+@dataclasses.dataclass(frozen=True)
 class _SphereBase(Geometry):
     """The unit sphere. User coordinates are ``(latitude, longitude)`` in degrees (CF convention,
     latitude in [-90, 90], longitude in [-180, 360]); internal coordinates and poses are unit vectors in
     ``R^3``; tangent vectors are ambient vectors orthogonal to the pose. Distances are great-circle angles
-    (radians); window widths are in radians."""
+    (radians); window widths are in radians.
+
+    ``region`` (``[south, north, west, east]`` degrees, see :class:`LatLonBox`) makes the domain regional:
+    the initial latents form a grid over that box, spaced for the box (so window widths fit it too), and
+    random coordinates are drawn in it. The decoder may still be queried anywhere, and it stays steerable
+    under every rotation of the group; but the initial arrangement is fixed to the box, so fitting a
+    rotated field gives rotated latents only for rotations that map the box onto itself (see the README).
+    """
 
     coord_dim = pose_dim = tangent_dim = 3
+    region: tuple[float, float, float, float] | None = None
+
+    def __post_init__(self):
+        if self.region is not None:
+            object.__setattr__(self, "region", tuple(LatLonBox.from_list(self.region).as_list()))
+
+    @property
+    def box(self) -> LatLonBox | None:
+        return None if self.region is None else LatLonBox(*self.region)
+
+    def _regional_poses(self, num_latents: int) -> Array:
+        return jnp.asarray(_latlon_to_unit(self.box.grid(num_latents)), jnp.float32)
 
     def coords_from_user(self, coords):
         c = np.asarray(coords, np.float64)
@@ -498,10 +616,19 @@ class _SphereBase(Geometry):
         return self._angle(x, p) ** 2
 
     def sample_coords(self, key, num_points):
-        return self.project(jax.random.normal(key, (num_points, 3)))
+        if self.region is None:
+            return self.project(jax.random.normal(key, (num_points, 3)))
+        # Uniform over the box's area: sin(latitude) and longitude uniform.
+        box = self.box
+        k_lat, k_lon = jax.random.split(key)
+        z = jax.random.uniform(k_lat, (num_points,), minval=math.sin(math.radians(box.south)), maxval=math.sin(math.radians(box.north)))
+        lon = jnp.deg2rad(box.west + box.lon_extent * jax.random.uniform(k_lon, (num_points,)))
+        r = jnp.sqrt(jnp.clip(1.0 - z**2, 0.0, 1.0))
+        return jnp.stack([r * jnp.cos(lon), r * jnp.sin(lon), z], -1)
 
     def latent_spacing(self, num_latents):
-        return float(math.sqrt(4.0 * math.pi / num_latents))
+        area = 4.0 * math.pi if self.region is None else self.box.area
+        return float(math.sqrt(area / num_latents))
 
     def relative_displacement(self, p, q):
         # Log map at p: direction of q projected on the tangent plane, scaled to the great-circle angle.
@@ -550,6 +677,8 @@ class Sphere(_SphereBase):
     pose_bi_invariant = bi_invariant
 
     def initial_poses(self, num_latents):
+        if self.region is not None:
+            return self._regional_poses(num_latents)
         k = np.arange(num_latents) + 0.5
         z = 1.0 - 2.0 * k / num_latents
         lon = np.pi * (1.0 + 5.0**0.5) * k
@@ -606,11 +735,19 @@ class AxialSphere(_SphereBase):
         n_lat, n_lon = _balanced_factors(num_latents, 2, (1.0, 2.0))
         return n_lat, n_lon
 
-    def arrangement_symmetry_deg(self, num_latents: int) -> float:
-        """Smallest longitude rotation (degrees) that maps :meth:`initial_poses` onto itself."""
+    def arrangement_symmetry_deg(self, num_latents: int) -> float | None:
+        """Smallest longitude rotation (degrees) that maps :meth:`initial_poses` onto itself; ``None`` for a
+        regional box that is not a full latitude band (no rotation maps it onto itself)."""
+        if self.region is not None:
+            box = self.box
+            if box.lon_extent < 360.0:
+                return None
+            return 360.0 / box.grid_shape(num_latents)[1]
         return 360.0 / self._ring_counts(num_latents)[1]
 
     def initial_poses(self, num_latents):
+        if self.region is not None:
+            return self._regional_poses(num_latents)
         n_lat, n_lon = self._ring_counts(num_latents)
         points = []
         for i in range(n_lat):

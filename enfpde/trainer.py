@@ -31,9 +31,10 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from enfpde import checkpointing, distributed
-from enfpde.config import ConfigError, RunConfig, config_from_yaml, to_yaml
+from enfpde.config import SPHERE_GEOMETRIES, ConfigError, RunConfig, config_from_yaml, to_yaml
 from enfpde.data.trajectories import BatchSampler, Normalizer, TrajectoryDataset, save_json_atomic
 from enfpde.forecaster import build_modules, make_geometry
+from enfpde.geometry import LatLonBox
 from enfpde.rollout import solver_from_name
 from enfpde.training import (
     NeuralFieldAutoencoder,
@@ -170,6 +171,7 @@ class Trainer:
         # costs an existing run or leaves a half-made one behind.
         self.resume = resume
         self.train_data = TrajectoryDataset.open(config.data.train, config.data.variables)
+        config = self.config = self._with_region(config, resume)
         self._check_run_dir(config, resume, overwrite)
         horizon = config.data.horizon
         if not 1 < horizon <= self.train_data.num_frames:
@@ -219,6 +221,20 @@ class Trainer:
                 f"'{self.run_dir}' already holds a run: resume it with --resume, pick another directory, or "
                 f"replace it with --overwrite."
             )
+
+    def _with_region(self, config: RunConfig, resume: bool) -> RunConfig:
+        """``config`` with ``data.region`` filled in on the sphere geometries when ``auto_region``: the box of
+        the training data's points (None when they cover the globe). A resumed run keeps the box it saved."""
+        d = config.data
+        if d.geometry not in SPHERE_GEOMETRIES or d.region is not None or not d.auto_region:
+            return config
+        config_path = self.run_dir / checkpointing.CONFIG_FILE
+        if resume and config_path.exists():
+            region = config_from_yaml(config_path).data.region  # runs saved before regions existed: None
+        else:
+            box = LatLonBox.around(self.train_data.coords)
+            region = None if box is None else box.as_list()
+        return dataclasses.replace(config, data=dataclasses.replace(d, region=region))
 
     def _check_stage1_change(self, saved: RunConfig, requested: RunConfig) -> None:
         """A resumed run may lengthen or shorten stage 1 only while it is still in stage 1 (its latest

@@ -140,18 +140,22 @@ def era5_markdown(runs: dict[str, Path], config: era5.Era5Config, *, title: str,
         lines.append("")
     variables, units = first["dataset"]["variables"], first["dataset"]["units"]
     last = len(frames) - 1
-    lines += [f"## Latitude-weighted RMSE at {frames[last]} (test), each field in its own units", "",
-              "| model | " + " | ".join(f"{v} ({u})" for v, u in zip(variables, units)) + " |", "|---|" + "---|" * len(variables)]
+    for quantity, transform, unit in (("RMSE", math.sqrt, lambda u: u), ("MSE", lambda v: v, lambda u: f"({u})^2")):
+        lines += [f"## {quantity} at {frames[last]} (test), each field in its own units: plain / latitude-weighted", "",
+                  "| model | " + " | ".join(f"{v} [{unit(u)}]" for v, u in zip(variables, units)) + " |",
+                  "|---|" + "---|" * len(variables)]
 
-    def rmse_row(label, entry):
-        per_variable = entry["per_variable"]
-        return f"| {label} | " + " | ".join(
-            f"{math.sqrt(per_variable[v]['lat_weighted_per_frame'][last]):.4g}" for v in variables) + " |"
+        def row(label, entry):
+            per_variable = entry["per_variable"]
+            return f"| {label} | " + " | ".join(
+                f"{transform(per_variable[v]['plain_per_frame'][last]):.4g} / "
+                f"{transform(per_variable[v]['lat_weighted_per_frame'][last]):.4g}" for v in variables) + " |"
 
-    for label, results in evals.items():
-        lines.append(rmse_row(label, results["test"]["settings"]["standard"]["model"]))
-    lines.append(rmse_row("persistence", first["settings"]["standard"]["persistence"]))
-    lines += ["", "## Training", "", "| model | parameters | steps | training wall time |", "|---|---|---|---|"]
+        for label, results in evals.items():
+            lines.append(row(label, results["test"]["settings"]["standard"]["model"]))
+        lines.append(row("persistence", first["settings"]["standard"]["persistence"]))
+        lines.append("")
+    lines += ["## Training", "", "| model | parameters | steps | training wall time |", "|---|---|---|---|"]
     for label, run in runs.items():
         summary, parameters = training_summary(run), num_parameters(*Forecaster.load(run).modules)
         lines.append(f"| {label} | {parameters:,} | {summary['steps']} | {summary['wall_s'] / 60:.1f} min |")
@@ -160,7 +164,7 @@ def era5_markdown(runs: dict[str, Path], config: era5.Era5Config, *, title: str,
         f"Data: {config.source} ({', '.join(variables)}), {first['dataset']['num_trajectories']} test trajectories of "
         f"{config.num_frames} frames {lead:g} h apart on a {' x '.join(map(str, first['dataset']['grid_shape']))} "
         f"latitude-longitude grid; splits {', '.join(f'{k} {v.start} to {v.end}' for k, v in config.splits.items())}.",
-        "RMSE: the square root of the cos(latitude)-weighted MSE, averaged over test trajectories.",
+        "RMSE: the square root of the MSE (plain, or cos(latitude)-weighted), averaged over test trajectories.",
         "",
         f"Command: `{command}`",
         "",

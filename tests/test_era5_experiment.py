@@ -101,10 +101,13 @@ def test_table_reports_reconstruction_forecast_and_rmse_beside_persistence(exper
     text = experiment.joinpath("table.md").read_text()
     assert "| model | T_t (reconstruction) | T_t+1 h |" in text
     for label in ("ENF full rotations", "ENF axial"):
-        assert text.count(f"| {label} |") == 5, label  # test, train, other protocols, RMSE, training
-    assert text.count("| persistence |") == 4
-    rmse = text.split("## Latitude-weighted RMSE at T_t+1 h (test)")[1].split("##")[0]
-    assert "z500 (m2 s-2)" in rmse and "t850 (K)" in rmse
+        assert text.count(f"| {label} |") == 6, label  # test, train, other protocols, RMSE, MSE, training
+    assert text.count("| persistence |") == 5
+    rmse = text.split("## RMSE at T_t+1 h (test), each field in its own units: plain / latitude-weighted")[1].split("##")[0]
+    mse = text.split("## MSE at T_t+1 h (test), each field in its own units: plain / latitude-weighted")[1].split("##")[0]
+    assert "z500 [m2 s-2]" in rmse and "t850 [K]" in rmse and "t850 [(K)^2]" in mse
+    persistence = [float(v) for cell in rmse.split("| persistence |")[1].split("\n")[0].split("|")[:-1] for v in cell.split(" / ")]
+    assert len(persistence) == 8 and all(v > 0 for v in persistence)  # plain and latitude-weighted for 4 fields
     assert "Command: `python experiments/era5.py --preset hourly" in text and "ENF paper (Table 6)" in text
 
 
