@@ -5,6 +5,7 @@ rotations about the polar axis), report reconstruction and forecast errors besid
     python experiments/era5.py --source /data/era5_1deg.zarr              # hourly preset, 1-hour lead: a WB2-style zarr
     python experiments/era5.py --source downloads/ --lead-hours 6         # a directory of CDS files, 6-hour lead
     python experiments/era5.py --source era5.zarr era5.coarsen=2 train.stage2.epochs=50
+    python experiments/era5.py --preset regional --source area.grib       # hourly t2m etc. of a CDS `area` download
 
 Steps: the dataset YAML ``datasets/era5_<preset>.yaml`` (with ``--source``, ``--lead-hours`` and ``era5.KEY=VALUE``
 overrides) is cut into ``<data-dir>/{train,test}.nc`` by :mod:`enfpde.data.era5` (reused when they exist and
@@ -43,7 +44,7 @@ DATASET_PREFIX = "era5."
 
 def dataset_config(preset: str, source: str | None, lead_hours: float | None, overrides: list[str]) -> era5.Era5Config:
     """The ERA5 dataset config of ``preset`` with the command line's source, lead time and ``era5.`` overrides."""
-    yaml_path = REPOSITORY_ROOT / "datasets" / f"era5_{preset}.yaml" if preset in ("quick", "hourly") else Path(preset)
+    yaml_path = REPOSITORY_ROOT / "datasets" / f"era5_{preset}.yaml" if preset in ("quick", "hourly", "regional") else Path(preset)
     changes = OmegaConf.to_container(OmegaConf.from_dotlist(overrides)) if overrides else {}
     if source is not None:
         changes["source"] = str(Path(source).expanduser().absolute())
@@ -182,7 +183,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--preset", default="hourly",
-        help="hourly (default: an archive given by --source, 1-hour lead time), quick (the sample), or a dataset YAML",
+        help="hourly (default: an archive given by --source, 1-hour lead time), regional (an hourly single-level CDS "
+        "`area` download given by --source), quick (the sample), or a dataset YAML",
     )
     parser.add_argument("--run-preset", default=None, help="run config preset (default experiments/configs/era5_<preset>.yaml)")
     parser.add_argument("--source", default=None, help="ERA5 file, directory of files or zarr store (default: the preset's)")
@@ -199,15 +201,15 @@ def main(argv=None) -> None:
     add_distributed_arguments(parser)
     args = parser.parse_args(argv)
     distributed.initialize_from_args(args)
-    if args.preset == "hourly" and args.source is None:
-        parser.error("the hourly preset reads your ERA5 archive: give --source PATH (a zarr store, a directory of CDS "
-                     "files or one file), or run --preset quick on the sample beside the project.")
+    if args.preset in ("hourly", "regional") and args.source is None:
+        parser.error(f"the {args.preset} preset reads your ERA5 data: give --source PATH (a zarr store, a directory of "
+                     "CDS files or one file), or run --preset quick on the sample beside the project.")
     command = "python experiments/era5.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     dataset_overrides = [o[len(DATASET_PREFIX):] for o in args.overrides if o.startswith(DATASET_PREFIX)]
     run_overrides_cli = [o for o in args.overrides if not o.startswith(DATASET_PREFIX)]
     try:
         config = dataset_config(args.preset, args.source, args.lead_hours, dataset_overrides)
-        run_preset = args.run_preset or (f"era5_{args.preset}" if args.preset in ("quick", "hourly") else "era5_quick")
+        run_preset = args.run_preset or (f"era5_{args.preset}" if args.preset in ("quick", "hourly", "regional") else "era5_quick")
         base = load_config(run_preset, run_overrides_cli)
         table = Path(args.table or f"experiments/results/{base.name}.md")
         check_writable(table, args.overwrite or args.resume)  # fail before training, not after

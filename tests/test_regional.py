@@ -172,3 +172,59 @@ def test_a_regional_cut_of_the_sample_trains_with_its_box_and_forecasts_on_it(re
         assert fc["t850"].shape == (1, 2, lat.size, lon.size) and np.isfinite(fc["t850"].values).all()
     table = (regional_experiment / "table.md").read_text()
     assert "## RMSE at T_t+12 h (test), each field in its own units: plain / latitude-weighted" in table
+
+
+def write_hourly_area_netcdf(path):
+    """Two days of hourly single-level fields (t2m, u10, v10, msl) over the CDS `area` [52, -5, 44, 8] at 0.5
+    degrees, as the CDS writes netCDF since 2024 (valid_time, latitude north to south, longitudes -5 ... 8)."""
+    import pandas as pd
+    import xarray as xr
+
+    times = pd.date_range("2020-01-01T00", periods=48, freq="h").values
+    lat, lon = np.arange(52.0, 43.9, -0.5), np.arange(-5.0, 8.01, 0.5)
+    hours = np.arange(times.size)[:, None, None]
+    la, lo = np.deg2rad(lat)[None, :, None], np.deg2rad(lon)[None, None, :]
+    diurnal = np.sin(2 * np.pi * hours / 24)
+    front = np.tanh((lo - np.deg2rad(-5 + 0.4 * hours)) * 8)
+    fields = {
+        "t2m": (278 - 20 * (la - np.deg2rad(48)) + 3 * diurnal + 2 * front, "K"),
+        "u10": (5 + 2 * np.cos(3 * lo) + front, "m s**-1"),
+        "v10": (-1 + 2 * np.sin(2 * la) + 0.5 * diurnal + 0 * lo, "m s**-1"),
+        "msl": (101300 + 800 * np.sin(3 * lo - 0.1 * hours) + 0 * la, "Pa"),
+    }
+    dims = ("valid_time", "latitude", "longitude")
+    ds = xr.Dataset(
+        {name: (dims, np.broadcast_to(v, (times.size, lat.size, lon.size)).astype(np.float32), {"units": u})
+         for name, (v, u) in fields.items()},
+        coords={"valid_time": times, "latitude": lat, "longitude": lon},
+    )
+    ds = ds.assign_coords(expver=("valid_time", np.array(["0001"] * times.size)))
+    ds.to_netcdf(path)
+    return path
+
+
+def test_the_regional_preset_on_an_hourly_single_level_area_download(tmp_path):
+    """experiments/era5.py --preset regional on a synthetic CDS `area` netCDF: the box is the download's, the
+    latents lie in it, and the table has the per-field RMSE and MSE in their units beside persistence."""
+    from conftest import TINY_OVERRIDES
+    from enfpde.config import config_from_yaml
+    from enfpde.forecaster import Forecaster
+    from test_era5_experiment import _experiment_module
+
+    source = write_hourly_area_netcdf(tmp_path / "area.nc")
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("data.horizon")]
+    _experiment_module().main([
+        "--preset", "regional", "--source", str(source), "--data-dir", str(tmp_path / "data"),
+        "--run-root", str(tmp_path / "runs"), "--table", str(tmp_path / "table.md"), "--quiet", "--geometries=axial_sphere",
+        'era5.splits={train: {start: "2020-01-01T00", end: "2020-01-01T23"}, test: {start: "2020-01-02T00", end: "2020-01-02T23"}}',
+        *tiny, "model.num_latents=4",
+    ])
+    run = tmp_path / "runs" / "era5_regional_axial_sphere"
+    region = config_from_yaml(run / "config.yaml").data.region
+    np.testing.assert_allclose(region, [43.75, 52.25, 354.75, 368.25])
+    model = Forecaster.load(run)
+    assert model.variables == ("t2m", "u10", "v10", "msl")
+    assert LatLonBox(*region).contains(np.asarray(model.geometry.coords_to_user(model.modules[1].initial(1).poses[0]))).all()
+    table = (tmp_path / "table.md").read_text()
+    rmse = table.split("## RMSE at T_t+1 h (test), each field in its own units: plain / latitude-weighted")[1].split("##")[0]
+    assert "t2m [K]" in rmse and "msl [Pa]" in rmse and "| persistence |" in rmse
