@@ -52,6 +52,13 @@ VARIANTS = {
     "linear_modulation": ({"model.value_ffn": False}, "gamma and beta linear in the value embedding (no FFN)"),
     "no_value_mixer": ({"model.value_mixer": False}, "no pointwise FFN on each (query, latent) value"),
     "shallow_head": ({"model.deep_head": False}, "after attention one hidden layer instead of projection + FFN + 3-layer MLP"),
+    "no_window": (
+        {"model.width_factor": 1000.0},
+        "the released decoder without the Gaussian window's locality (widths 1000 x the latent spacing, so the "
+        "window term is ~0). This is what the released code computes for 4 latents on the torus: its periodic "
+        "window sum_d cos^2(pi (p - x)_d) / sigma^2 on [-1, 1]^2 has half the domain's period, and the 2 x 2 "
+        "arrangement spaces the latents by exactly that half, so every latent gets the same window term",
+    ),
     "released_sampling": (
         {"train.num_points": 2048, "model.inner_points": 512, "model.disjoint_subsets": True},
         "the released decoder with the released point sampling: 2048 points per step, each inner step fits its own "
@@ -62,7 +69,9 @@ VARIANTS = {
 
 def frame0_test_mse(run_dir: Path, step: int, test: TrajectoryDataset) -> float:
     """Test frame-0 reconstruction MSE (raw units) of the checkpoint at ``step``: Meta-SGD on the full grid."""
-    model = Forecaster.load(run_dir, step=step, batch_size=test.num_trajectories)
+    # 4 states per compiled call: the inner steps' gradients on the full grid hold every (point, latent) pair's
+    # activations, about 1 GB per state with the released decoder (16 at once were killed for memory).
+    model = Forecaster.load(run_dir, step=step, batch_size=4)
     initial = test.values[:, 0]  # [B, M, C]
     pred = model.predict(test.coords, initial, np.zeros(1))[:, 0]
     return float(np.mean((pred - initial) ** 2))
