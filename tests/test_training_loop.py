@@ -310,7 +310,8 @@ def _with_stage1_schedule(config, **schedule):
 
 
 def test_a_cosine_schedule_trains_resumes_and_cannot_be_dropped_on_resume(tiny_config, tmp_path):
-    config = _with_stage1_schedule(tiny_config, warmup_steps=1, decay="cosine", learning_rate=1e-2)
+    # Stage 1 alone (4 steps): the schedule is the stage's own.
+    config = _with_stage1_schedule(_with_epochs(tiny_config, 2, 0), warmup_steps=1, decay="cosine", learning_rate=1e-2)
     run = tmp_path / "cosine"
     train(config, run, progress=False, stop_after=3)
     # The schedule's step count is saved with the optimiser state: the resumed run equals the uninterrupted one.
