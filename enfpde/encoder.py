@@ -124,6 +124,9 @@ class MetaSGDEncoder(nnx.Module):
         self.lr_bounds, self.learn_poses, self.first_order = tuple(lr_bounds), learn_poses, first_order
         self.width_factor = width_factor
         self.disjoint_subsets = disjoint_subsets
+        # Inference only (the Forecaster sets it): compute each inner gradient over chunks of this many points,
+        # so memory is bounded by a chunk instead of growing with the number of observed points. None: one piece.
+        self.grad_chunk_size: int | None = None
         # One context vector shared by every latent: z_init is then mapped onto itself by any symmetry that
         # permutes the initial arrangement, which end-to-end equivariance needs.
         self.initial_context = nnx.Param(jnp.ones((latent_dim,), jnp.float32))
@@ -199,13 +202,47 @@ class MetaSGDEncoder(nnx.Module):
             subsets = [(coords, values, mask)] * K
         for step in range(K):  # K is small and static: unrolled on purpose
             c, v, m = subsets[step]
-            g_poses, g_contexts = jax.grad(inner_loss, argnums=(0, 1))(poses, contexts, c, v, m)
+            if self.grad_chunk_size is not None and v.shape[1] > self.grad_chunk_size:
+                g_poses, g_contexts = self._chunked_gradient(field, z, poses, contexts, c, v, m)
+            else:
+                g_poses, g_contexts = jax.grad(inner_loss, argnums=(0, 1))(poses, contexts, c, v, m)
             if self.first_order:
                 g_poses, g_contexts = jax.lax.stop_gradient((g_poses, g_contexts))
             if self.learn_poses:
                 poses = self.geometry.move(poses, -pose_lr * g_poses)
             contexts = contexts - context_lr * g_contexts
         return z.replace(poses=poses, contexts=contexts)
+
+
+    def _chunked_gradient(self, field, z: Latents, poses, contexts, coords, values, mask):
+        """The inner loss's gradient ``(d poses, d contexts)`` as a sum over chunks of ``grad_chunk_size`` points
+        (a ``lax.scan`` whose steps each take their own gradient, so no chunk's activations outlive it).
+
+        Equal to the one-piece gradient up to float summation order: the per-field loss is a mean over observed
+        points and channels, i.e. a sum of squared errors divided by one count, and a sum splits over chunks."""
+        B, M, C = values.shape
+        S = self.grad_chunk_size
+        count = (jnp.full((B,), M, values.dtype) if mask is None else mask.sum(axis=1).astype(values.dtype)) * C
+        observed = jnp.ones((B, M), bool) if mask is None else mask
+        num_chunks = -(-M // S)
+        pad = num_chunks * S - M
+        # Padded points are unobserved: they add nothing to the sums.
+        values = jnp.pad(values, ((0, 0), (0, pad), (0, 0)))
+        observed = jnp.pad(observed, ((0, 0), (0, pad)))
+        coords = jnp.pad(coords, [(0, 0)] * (coords.ndim - 2) + [(0, pad), (0, 0)], mode="edge")
+        chunk = lambda x, axis: jnp.moveaxis(x.reshape(x.shape[:axis] + (num_chunks, S) + x.shape[axis + 1 :]), axis, 0)
+        chunks = (chunk(coords, coords.ndim - 2), chunk(values, 1), chunk(observed, 1))
+
+        def chunk_loss(p, ctx, c, v, m):
+            err = (field(c, z.replace(poses=p, contexts=ctx)) - v) ** 2
+            return jnp.sum(jnp.where(m[..., None], err, 0.0).sum(axis=(1, 2)) / jnp.maximum(count, 1))
+
+        def add_chunk(total, part):
+            grads = jax.grad(chunk_loss, argnums=(0, 1))(poses, contexts, *part)
+            return jax.tree.map(jnp.add, total, grads), None
+
+        zero = (jnp.zeros_like(poses), jnp.zeros_like(contexts))
+        return jax.lax.scan(add_chunk, zero, chunks)[0]
 
 
 class AutoDecoder(nnx.Module):

@@ -453,6 +453,10 @@ class Forecaster(XarrayForecast):
         self.axes = tuple(metadata["axes"])
         self.time_units = metadata.get("time_units", "1")
         self.batch_size = batch_size
+        # Fit initial states chunk by chunk: the inner steps' gradients on every observed point would otherwise
+        # hold each (point, latent) pair's activations at once (about 1 GB per 64 x 64 state with the released
+        # decoder).
+        encoder.grad_chunk_size = field.chunk_size
         self.modules = (field, encoder, dynamics)
         graphdef, state = nnx.split(self.modules)
         self._state = state

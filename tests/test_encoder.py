@@ -226,3 +226,19 @@ def test_auto_decoding_table_and_test_time_fit(data):
     err = lambda z: float(masked_mse(decode(coords, z), values).mean())
     assert err(z_fit) < 0.5 * err(z_init)
     assert bool(jnp.all((z_fit.poses >= 0) & (z_fit.poses < 1)))
+
+
+def test_gradients_in_point_chunks_fit_the_same_latents():
+    """The Forecaster's memory-bounded fit (inner gradients summed over chunks of points) equals the one-piece
+    fit, with a mask and a number of points that is not a multiple of the chunk."""
+    model = small_model(field_kwargs={"chunk_size": None})
+    field, encoder = model.field, model.encoder
+    coords = TORUS.sample_coords(jax.random.key(1), 203)
+    values = smooth_fields(jax.random.key(2), 3, coords)
+    mask = jax.random.uniform(jax.random.key(3), (3, 203)) > 0.3
+    whole = encoder(field, coords, values, mask)
+    encoder.grad_chunk_size = 64
+    chunked = encoder(field, coords, values, mask)
+    for a, b in ((whole.poses, chunked.poses), (whole.contexts, chunked.contexts)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+    assert relative_error(chunked.contexts, encoder.initial(3).contexts) > 1e-2  # the fit moved the latents
