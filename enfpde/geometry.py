@@ -552,11 +552,12 @@ class LatLonBox:
         south = max(-90.0, lat[0] - 0.5 * lat_step)
         north = min(90.0, lat[-1] + 0.5 * lat_step)
         if full_circle:
-            west, east = 0.0, 360.0
+            west, extent = 0.0, 360.0
         else:
-            west = float(lon[(widest + 1) % lon.size]) - 0.5 * lon_step  # the first longitude after the gap
-            east = west + (360.0 - gaps[widest]) + lon_step
-        return cls(float(south), float(north), float(np.mod(west, 360.0)), float(np.mod(west, 360.0) + (east - west)))
+            # From half a step before the first longitude after the widest gap, eastwards over the data.
+            west = float(np.mod(lon[(widest + 1) % lon.size] - 0.5 * lon_step, 360.0))
+            extent = 360.0 - float(gaps[widest]) + lon_step
+        return cls(float(south), float(north), west, west + extent)
 
 
 @dataclasses.dataclass(frozen=True)
