@@ -61,6 +61,14 @@ VARIANTS = {
         {**FIRST_ORDER, "train.stage1.learning_rate": 1e-3, **COSINE, "model.num_latents": 64, "model.k_nearest": 4}, 300,
         "64 latents (8 x 8), 4 nearest per point; first-order, learning rate 1e-3 with warmup and cosine decay",
     ),
+    "latents16_k4_lr3e-4": (
+        {"train.stage1.learning_rate": 3e-4, "model.num_latents": 16, "model.k_nearest": 4}, 90,
+        "16 latents (a 4 x 4 grid, widths for its spacing), each point attends to its 4 nearest; learning rate 3e-4",
+    ),
+    "latents64_k4_lr3e-4": (
+        {"train.stage1.learning_rate": 3e-4, "model.num_latents": 64, "model.k_nearest": 4}, 90,
+        "64 latents (8 x 8), 4 nearest per point; learning rate 3e-4",
+    ),
     "train256": (
         TRAIN256, 90, "256 training trajectories instead of 16 (datasets/navier_stokes_train256.yaml; same test split)",
     ),
