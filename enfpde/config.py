@@ -102,6 +102,9 @@ class ModelConfig:
     dynamics_layers: int = 3
     dynamics_frequencies: int = 32
     kernel_radius: Optional[float] = None
+    # The dynamics see contexts standardised by statistics of the fitted training latents (enfpde.dynamics);
+    # runs saved before this switch existed are read with it off.
+    standardize_contexts: bool = True
     solver: str = "euler"
     dt0: float = 1.0
     # Data time units per model time unit: the dynamics see t / time_unit, and dt0 is in model time. Set it
@@ -246,8 +249,9 @@ LEAN_DECODER = {
 
 def config_from_yaml(path: str | os.PathLike) -> RunConfig:
     """Read a saved ``config.yaml``: merged onto the defaults, so unknown keys and wrong types are errors and a
-    field it lacks takes its default (runs save every field), except the decoder switches: a run saved before
-    they existed was trained with the lean decoder and is read as such."""
+    field it lacks takes its default (runs save every field), except switches added later: a run saved before
+    the decoder switches existed was trained with the lean decoder, and one saved before
+    ``standardize_contexts`` with raw contexts, and each is read as such."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no config file at '{path}'.")
@@ -258,6 +262,8 @@ def config_from_yaml(path: str | os.PathLike) -> RunConfig:
     model = saved.get("model") if isinstance(saved, DictConfig) else None
     if isinstance(model, DictConfig) and not any(k in model for k in LEAN_DECODER):
         saved = OmegaConf.merge(saved, {"model": LEAN_DECODER})
+    if isinstance(model, DictConfig) and "standardize_contexts" not in model:
+        saved = OmegaConf.merge(saved, {"model": {"standardize_contexts": False}})
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), saved))
     except OmegaConfBaseException as error:

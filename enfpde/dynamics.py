@@ -14,6 +14,11 @@ Given latents ``z = {(p_i, c_i, s_i)}`` the network returns ``dz/dt = (dp/dt, dc
   sphere). Hence ``F(g z) = g . F(z)``.
 * Both read-outs are multiplied by a learned scale that starts at ``output_scale`` (near zero), so an
   untrained model is a near-identity flow.
+* With ``standardize_contexts`` the network sees the contexts standardised per channel by fixed statistics of
+  the fitted training latents (``set_context_statistics``, called by the trainer before the dynamics stage)
+  and predicts context velocities in those units. Meta-SGD fits a field by small moves away from a shared
+  initial context (all ones), so the raw contexts are a large constant plus a small field-dependent part;
+  without the standardisation the network starts nearly blind to that part and learns far more slowly.
 
 Reference: Bekkers et al., "Fast, Expressive SE(n) Equivariant Networks through Weight-Sharing in
 Position-Orientation Space" (PONITA, ICLR 2024); Knigge, Wessels et al., NeurIPS 2024.
@@ -32,6 +37,10 @@ from enfpde.latents import Latents
 Array = jax.Array
 
 
+class ContextStatistics(nnx.Variable):
+    """Fixed per-channel statistics of fitted contexts: set from training data, never trained."""
+
+
 class EquivariantDynamics(nnx.Module):
     """PONITA-style equivariant message passing network defining ``dz/dt = F(z)``.
 
@@ -45,6 +54,7 @@ class EquivariantDynamics(nnx.Module):
         kernel_radius: only latents closer than this (geometry distance) exchange messages; ``None`` is
             fully connected.
         output_scale: initial value of the learned scale of both velocity read-outs.
+        standardize_contexts: standardise the contexts with fixed statistics (see the module docstring).
         rngs: random streams for the initialisation.
     """
 
@@ -60,6 +70,7 @@ class EquivariantDynamics(nnx.Module):
         basis_std: float = 1.0,
         kernel_radius: float | None = None,
         output_scale: float = 1e-3,
+        standardize_contexts: bool = False,
         rngs: nnx.Rngs,
     ):
         if num_layers < 1:
@@ -92,6 +103,21 @@ class EquivariantDynamics(nnx.Module):
         self.fixed_weight = nnx.Linear(num_hidden, num_fixed, rngs=rngs) if num_fixed else None
         self.context_scale = nnx.Param(jnp.asarray(output_scale, jnp.float32))
         self.pose_scale = nnx.Param(jnp.asarray(output_scale, jnp.float32))
+        if standardize_contexts:  # identity until set_context_statistics
+            self.context_mean = ContextStatistics(jnp.zeros((latent_dim,), jnp.float32))
+            self.context_std = ContextStatistics(jnp.ones((latent_dim,), jnp.float32))
+        else:
+            self.context_mean = self.context_std = None
+
+    def set_context_statistics(self, contexts: Array) -> None:
+        """Standardise with the mean and standard deviation per channel of ``contexts [..., latent_dim]`` (fitted
+        training latents). A channel that does not vary keeps a floor of 1e-6 times the mean spread."""
+        if self.context_mean is None:
+            raise ValueError("this dynamics model was built without standardize_contexts.")
+        flat = jnp.asarray(contexts, jnp.float32).reshape(-1, contexts.shape[-1])
+        std = flat.std(axis=0)
+        self.context_mean[...] = flat.mean(axis=0)
+        self.context_std[...] = jnp.maximum(std, 1e-6 * std.mean() + 1e-12)
 
     def __call__(self, z: Latents) -> Latents:
         """The velocity ``dz/dt`` at ``z`` (batch ``[B]``), as Latents: pose velocities ``[B, N, tangent_dim]``
@@ -106,7 +132,10 @@ class EquivariantDynamics(nnx.Module):
             neighbours = (dist2 <= self.kernel_radius**2).astype(edge.dtype)
         count = jnp.maximum(neighbours.sum(axis=2, keepdims=True), 1.0)  # [B, N, 1]
 
-        h = self.embed(z.contexts)  # [B, N, hidden]
+        contexts = z.contexts
+        if self.context_mean is not None:
+            contexts = (contexts - self.context_mean[...]) / self.context_std[...]
+        h = self.embed(contexts)  # [B, N, hidden]
         for kernel, message, norm, mlp in zip(self.kernels, self.messages, self.norms, self.mlps):
             k = kernel(edge) * neighbours[..., None]  # [B, N, N, hidden]
             h = h + jnp.einsum("bijf,bjf->bif", k, message(norm(h))) / count
@@ -114,6 +143,8 @@ class EquivariantDynamics(nnx.Module):
         h = self.out_norm(h)
 
         context_rate = self.context_scale[...] * self.context_out(h)
+        if self.context_std is not None:  # predicted in standardised units
+            context_rate = context_rate * self.context_std[...]
         # Invariant scalar weights on each edge, from the edge embedding and both endpoints' features.
         w = self.edge_weight(edge * (h[:, :, None] + h[:, None, :]))[..., 0] * neighbours  # [B, N, N]
         disp = g.relative_displacement(p_i, p_j)  # [B, N, N, T], equivariant

@@ -153,6 +153,7 @@ def build_modules(
         num_layers=model.dynamics_layers,
         num_frequencies=model.dynamics_frequencies,
         kernel_radius=model.kernel_radius,
+        standardize_contexts=model.standardize_contexts,
         rngs=rngs,
     )
     return field, encoder, dynamics

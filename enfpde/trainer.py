@@ -428,6 +428,29 @@ class Trainer:
             manager.close()
         return self.run_dir
 
+    def _set_context_statistics(self, step: int, min_fields: int = 64) -> None:
+        """Before the dynamics stage: standardise the dynamics' inputs with the statistics of latents fitted to the
+        horizon frames of a few training batches (at least ``min_fields`` fields). Every process fits the same
+        global batches, so the statistics agree everywhere; a resumed run restores them from its checkpoint."""
+        field, encoder, dynamics = self.modules
+        if dynamics.context_mean is None:
+            return
+
+        @nnx.jit
+        def fitted_contexts(field, encoder, coords, values, mask, key):
+            return encoder(field, coords, values, mask, key=key).contexts
+
+        contexts = []
+        batches = -(-min_fields // (self.config.train.batch_size * self.config.data.horizon))
+        for k in range(batches):
+            batch = self.sampler(step + k)
+            values = batch.values.reshape(-1, *batch.values.shape[2:])  # [B * T, M, C]
+            mask = batch.mask.reshape(-1, batch.mask.shape[-1]) if self.has_missing else None
+            key = jax.random.fold_in(jax.random.key(self.config.train.seed + 1), k)  # any key: only inner subsets use it
+            coords = self.geometry.coords_from_user(batch.coords)
+            contexts.append(fitted_contexts(field, encoder, coords, values, mask, key))
+        dynamics.set_context_statistics(jnp.concatenate(contexts))
+
     def _stage_params(self, stage: str):
         field, encoder, dynamics = self.modules
         if stage == "stage1":
@@ -461,6 +484,8 @@ class Trainer:
                         self._write_back(stage, params, rest)
                         self.opt_states[stage] = opt_state
                     stage = new_stage
+                    if stage == "stage2" and step == self.schedule.boundaries[0]:
+                        self._set_context_statistics(step)
                     params, rest = self._stage_params(stage)
                     params, rest = self._replicate(params), self._replicate(rest)
                     opt_state = self._replicate(self.opt_states[stage])

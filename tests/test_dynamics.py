@@ -51,6 +51,47 @@ def check_velocity_equivariance(geometry, kernel_radius):
     assert float(jnp.abs(rate.poses).max()) > 0  # poses do move
 
 
+def _standardized(geometry, z, key):
+    """A standardising dynamics model whose statistics are those of ``z`` scaled and shifted (not the identity)."""
+    dynamics = make_dynamics(geometry, standardize_contexts=True)
+    dynamics.set_context_statistics(3.0 * z.contexts + 1.0 + jax.random.normal(key, z.contexts.shape))
+    return dynamics
+
+
+@pytest.mark.parametrize("geometry", [G.Torus(), G.AxialSphere(), G.PlaneSE2()], ids=["torus", "axial", "se2"])
+def test_velocity_with_standardized_contexts_is_equivariant(geometry):
+    kz, kg, ks = jax.random.split(jax.random.key(1), 3)
+    z = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)
+    dynamics = _standardized(geometry, z, ks)
+    g = geometry.sample_group_element(kg)
+    rate, moved = velocity(dynamics, z), velocity(dynamics, z.transform(geometry, g))
+    assert relative_error(moved.contexts, rate.contexts) < 1e-5
+    assert relative_error(moved.poses, geometry.act_on_tangents(g, z.poses, rate.poses)) < 1e-5
+
+
+def test_standardized_contexts_are_the_raw_model_in_other_units():
+    """With statistics (m, s), the model at contexts c is the same network at (c - m) / s with statistics (0, 1),
+    its context velocity multiplied by s; pose velocities are unchanged."""
+    torus = G.Torus()
+    z = random_latents(torus, jax.random.key(0), batch=2, num_latents=N, latent_dim=D)
+    dynamics = _standardized(torus, z, jax.random.key(2))
+    mean, std = dynamics.context_mean[...], dynamics.context_std[...]
+    samples = 3.0 * z.contexts + 1.0 + jax.random.normal(jax.random.key(2), z.contexts.shape)
+    np.testing.assert_allclose(mean, samples.reshape(-1, D).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, samples.reshape(-1, D).std(0), rtol=1e-5)
+    assert float(jnp.abs(mean).min()) > 0.1 and float(jnp.abs(std - 1).min()) > 0.1  # a real change of units
+    rate = velocity(dynamics, z)
+    dynamics.context_mean[...], dynamics.context_std[...] = jnp.zeros(D), jnp.ones(D)
+    unit = velocity(dynamics, z.replace(contexts=(z.contexts - mean) / std))
+    np.testing.assert_allclose(rate.contexts, unit.contexts * std, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(rate.poses, unit.poses, rtol=1e-5, atol=1e-7)
+
+
+def test_context_statistics_need_the_switch():
+    with pytest.raises(ValueError, match="built without standardize_contexts"):
+        make_dynamics(G.Torus()).set_context_statistics(jnp.ones((3, D)))
+
+
 def test_untrained_flow_is_near_identity():
     torus = G.Torus()
     z = random_latents(torus, jax.random.key(0), batch=2, num_latents=N, latent_dim=D)

@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
@@ -49,6 +50,22 @@ def test_stage2_leaves_the_decoder_untouched(tiny_run, tmp_path, tiny_config):
     for x, y in zip(jax.tree.leaves(nnx.state(a[:2])), jax.tree.leaves(nnx.state(b[:2]))):
         np.testing.assert_array_equal(x, y)  # stage 2 froze the decoder and encoder
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(nnx.state(a[2])), jax.tree.leaves(nnx.state(b[2]))))
+
+
+def test_dynamics_stage_standardizes_with_statistics_of_fitted_training_latents(tiny_run, tiny_config, tmp_path):
+    """The statistics saved with the run are those of the latents the frozen encoder fits to the first training
+    batches when stage 2 starts (recomputed here from the saved modules), and not the identity."""
+    saved = Forecaster.load(tiny_run).modules[2]
+    assert tiny_config.model.standardize_contexts
+    assert float(jnp.abs(saved.context_mean[...]).min()) > 0.5  # contexts start at 1 and move a little
+    assert float(jnp.abs(saved.context_std[...] - 1.0).min()) > 0.1
+    shutil.copytree(tiny_run, tmp_path / "copy")
+    trainer = Trainer(tiny_config, tmp_path / "copy", resume=True, progress=False)
+    trainer.modules = Forecaster.load(tiny_run).modules  # stage 2 left the decoder and encoder as they were
+    trainer.modules[2].context_mean[...] = jnp.zeros_like(saved.context_mean[...])
+    trainer._set_context_statistics(trainer.schedule.boundaries[0])
+    np.testing.assert_allclose(trainer.modules[2].context_mean[...], saved.context_mean[...], rtol=1e-6)
+    np.testing.assert_allclose(trainer.modules[2].context_std[...], saved.context_std[...], rtol=1e-5)
 
 
 def test_resume_after_kill_continues_the_same_sequence(tiny_run, tiny_config, tmp_path):
@@ -137,11 +154,13 @@ def test_a_run_saved_before_the_decoder_switches_loads_as_the_lean_decoder(tiny_
     text = to_yaml(tiny_config)
     old = "\n".join(
         line for line in text.splitlines()
-        if line.strip().split(":")[0] not in ("context_stem", "full_width_heads", "embedding_mlp", "value_ffn", "value_mixer", "deep_head")
+        if line.strip().split(":")[0]
+        not in ("context_stem", "full_width_heads", "embedding_mlp", "value_ffn", "value_mixer", "deep_head", "standardize_contexts")
     )
     (tmp_path / "old.yaml").write_text(old)
     model = config_from_yaml(tmp_path / "old.yaml").model
     assert not any((model.context_stem, model.full_width_heads, model.embedding_mlp, model.value_ffn, model.value_mixer, model.deep_head))
+    assert not model.standardize_contexts  # nor did its dynamics standardise their inputs
     (tmp_path / "new.yaml").write_text(text)
     assert config_from_yaml(tmp_path / "new.yaml") == tiny_config  # saved runs keep their switches
     (tmp_path / "bad.yaml").write_text(text.replace("num_latents:", "num_latentz:"))
