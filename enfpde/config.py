@@ -171,6 +171,9 @@ class TrainConfig:
     clip_norm: float = 1.0
     weight_decay: float = 1e-4
     num_microbatches: int = 1
+    # Symmetry augmentation of the training data (enfpde.data.augmentation): None, or "quarter_turns" (each
+    # trajectory of a batch turned by a random multiple of 90 degrees; square tori, one scalar field).
+    augment: Optional[str] = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 
 from enfpde import checkpointing, distributed
 from enfpde.config import SPHERE_GEOMETRIES, ConfigError, RunConfig, config_from_yaml, to_yaml
+from enfpde.data.augmentation import check_quarter_turn_data, quarter_turn_permutations
 from enfpde.data.trajectories import BatchSampler, Normalizer, TrajectoryDataset, save_json_atomic
 from enfpde.forecaster import build_modules, make_geometry
-from enfpde.geometry import LatLonBox
+from enfpde.geometry import LatLonBox, Torus
 from enfpde.rollout import solver_from_name
 from enfpde.training import (
     NeuralFieldAutoencoder,
@@ -183,7 +184,8 @@ class Trainer:
         self.geometry.coords_from_user(self.train_data.coords)  # coordinates fit the domain
         tc = config.train
         self.sampler = BatchSampler(
-            self.train_data, self.normalizer, tc.batch_size, tc.num_points, frames=slice(0, horizon), seed=tc.seed
+            self.train_data, self.normalizer, tc.batch_size, tc.num_points, frames=slice(0, horizon), seed=tc.seed,
+            permutations=self._augmentation(),
         )
         # Every device of the job: those of this process alone unless jax.distributed runs several processes.
         self.devices = list(devices) if devices is not None else jax.devices()
@@ -427,6 +429,21 @@ class Trainer:
         finally:
             manager.close()
         return self.run_dir
+
+    def _augmentation(self) -> np.ndarray | None:
+        """The point permutations of ``train.augment`` for the training file, or None."""
+        augment = self.config.train.augment
+        if augment is None:
+            return None
+        if augment != "quarter_turns":
+            raise ConfigError(f"train.augment must be null or 'quarter_turns'; found {augment!r}.")
+        if not isinstance(self.geometry, Torus):
+            raise ConfigError(f"train.augment = 'quarter_turns' is for the torus; data.geometry is {self.config.data.geometry!r}.")
+        try:
+            check_quarter_turn_data(self.train_data.attrs, list(self.train_data.variables))
+            return quarter_turn_permutations(self.train_data.coords, self.geometry.periods)
+        except ValueError as error:
+            raise ConfigError(f"train.augment = 'quarter_turns' on {self.config.data.train}: {error}") from None
 
     def _set_context_statistics(self, step: int, min_fields: int = 64) -> None:
         """Before the dynamics stage: standardise the dynamics' inputs with the statistics of latents fitted to the

@@ -307,6 +307,9 @@ class BatchSampler:
         batch_size: trajectories per batch; num_points: points per batch (all points if None or >= M).
         frames: which frames to use (e.g. the training horizon ``slice(0, 10)``).
         seed: the data seed.
+        permutations: ``[K, M]`` point permutations of a symmetry of the data (e.g.
+            ``augmentation.quarter_turn_permutations``); each trajectory of a batch is then transformed by a random
+            one of them (a pure function of ``(seed, step)`` too). None: no augmentation.
     """
 
     def __init__(
@@ -317,6 +320,7 @@ class BatchSampler:
         num_points: int | None,
         frames=slice(None),
         seed: int = 0,
+        permutations: np.ndarray | None = None,
     ):
         if batch_size > dataset.num_trajectories:
             raise ValueError(
@@ -330,21 +334,27 @@ class BatchSampler:
         self.num_points = m if num_points is None or num_points >= m else int(num_points)
         self.seed = int(seed)
         self.steps_per_epoch = dataset.num_trajectories // batch_size
+        if permutations is not None and (permutations.ndim != 2 or permutations.shape[1] != m):
+            raise ValueError(f"permutations must be [K, {m}] (one per symmetry, over the file's points); found {permutations.shape}.")
+        self.permutations = permutations
 
     def __call__(self, step: int, rows: slice = slice(None)) -> Batch:
         """The batch of ``step``; with ``rows``, only those rows of it (the share of one process of a
         multi-process run: the batch's trajectories and points are those of the whole batch)."""
         epoch, index = divmod(int(step), self.steps_per_epoch)
         order = np.random.default_rng([self.seed, 0, epoch]).permutation(self.values.shape[0])
-        trajectories = np.sort(order[index * self.batch_size : (index + 1) * self.batch_size])[rows]
+        trajectories = np.sort(order[index * self.batch_size : (index + 1) * self.batch_size])
         m = self.coords.shape[0]
         points = np.random.default_rng([self.seed, 1, step]).choice(m, self.num_points, replace=False) if self.num_points < m else np.arange(m)
-        return Batch(
-            coords=self.coords[points],
-            values=self.values[trajectories][:, :, points],
-            mask=self.mask[trajectories][:, :, points],
-            trajectories=trajectories,
-        )
+        if self.permutations is None:
+            trajectories = trajectories[rows]
+            values, mask = self.values[trajectories][:, :, points], self.mask[trajectories][:, :, points]
+        else:  # the value at a point is the untransformed field's at the permuted point
+            symmetry = np.random.default_rng([self.seed, 2, step]).integers(len(self.permutations), size=len(trajectories))
+            trajectories, source = trajectories[rows], self.permutations[symmetry[rows]][:, points]  # [b, P]
+            values = np.take_along_axis(self.values[trajectories], source[:, None, :, None], axis=2)
+            mask = np.take_along_axis(self.mask[trajectories], source[:, None, :], axis=2)
+        return Batch(coords=self.coords[points], values=values, mask=mask, trajectories=trajectories)
 
     def iterate(self, first_step: int, last_step: int) -> Iterator[tuple[int, Batch]]:
         for step in range(first_step, last_step):
