@@ -187,6 +187,8 @@ class EvalConfig:
     sparse_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.05])
     shift: bool = True
     train_split: bool = True
+    # evaluate the train split on its first N trajectories only (None: all); large training sets cost minutes
+    train_trajectories: Optional[int] = None
     seed: int = 0
     # variable -> factor on its error, to report in other units than the file's (None: the file's units)
     variable_scales: Optional[dict[str, float]] = None

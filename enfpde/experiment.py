@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from enfpde import checkpointing, distributed
-from enfpde.config import REPOSITORY_ROOT, RunConfig, config_from_yaml, load_config
+from enfpde.config import REPOSITORY_ROOT, ConfigError, RunConfig, config_from_yaml, load_config
 from enfpde.data.trajectories import TIME_DIM, SchemaError, TrajectoryDataset, open_dataset
 from enfpde.evaluation import evaluate, render_markdown, write_report, write_text_atomic
 from enfpde.forecaster import DEFAULT_MAX_STEPS, Forecaster, lead_times
@@ -74,7 +74,11 @@ def evaluate_protocol(
         )
     }
     if ec.train_split:
-        train = TrajectoryDataset.open(d.train, variables).select(frames=slice(0, test.num_frames))
+        if ec.train_trajectories is not None and ec.train_trajectories < 1:
+            raise ConfigError(f"eval.train_trajectories must be >= 1 or null, found {ec.train_trajectories}.")
+        train = TrajectoryDataset.open(d.train, variables).select(
+            trajectories=slice(0, ec.train_trajectories), frames=slice(0, test.num_frames)
+        )
         results["train"] = evaluate(forecaster, train, sparse_fractions=(), shift=False, **common)
     return results
 

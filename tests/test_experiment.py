@@ -29,6 +29,23 @@ def test_evaluate_run_writes_tables_and_figures_once(tiny_run, tmp_path):
     assert report.read_text() == before
 
 
+def test_the_train_split_can_be_evaluated_on_its_first_trajectories(forecaster, tiny_config):
+    import dataclasses
+
+    from enfpde.config import ConfigError
+    from enfpde.experiment import evaluate_protocol
+
+    def config(**changes):
+        return dataclasses.replace(
+            tiny_config, eval=dataclasses.replace(tiny_config.eval, sparse_fractions=[], shift=False, **changes)
+        )
+
+    results = evaluate_protocol(forecaster, config(train_trajectories=2), name="ENF", horizon_time=4.0, progress=False)
+    assert results["train"]["dataset"]["num_trajectories"] == 2
+    with pytest.raises(ConfigError, match="eval.train_trajectories must be >= 1 or null, found 0"):
+        evaluate_protocol(forecaster, config(train_trajectories=0), name="ENF", horizon_time=4.0, progress=False)
+
+
 def test_train_command_reports_config_errors(tmp_path, capsys):
     assert cli_main(["train", "--run-dir", str(tmp_path / "r"), "train.stage1.epochs=oops"]) == 2
     assert "invalid configuration" in capsys.readouterr().err
