@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from enfpde.data.trajectories import TrajectoryDataset
 from enfpde.evaluation import check_writable
 
-__all__ = ["animate_rollout", "grid_extent", "grid_frames", "plot_forecast_vs_truth", "plot_mse_per_lead_time"]
+__all__ = ["animate_rollout", "grid_extent", "grid_frames", "plot_forecast_vs_truth", "plot_mse_per_lead_time", "plot_training_loss"]
 
 _FIELD_CMAP = "viridis"
 _ERROR_CMAP = "RdBu_r"
@@ -305,3 +305,34 @@ def plot_mse_per_lead_time(
         ax.set_title(title)
     return _save_figure(fig, path, overwrite, "png")
 
+
+
+def plot_training_loss(records: Sequence[Mapping], path, *, window: int = 20, dpi: int = 100, overwrite: bool = False) -> Path:
+    """A PNG of a run's training loss (log y) against the step, one curve per stage, raw and as a moving mean.
+
+    Args:
+        records: the run's metrics (``checkpointing.read_metrics``): dicts with ``step``, ``stage``, ``loss``.
+        path: the PNG to write.
+        window: steps in the moving mean.
+
+    Returns the path; raises FileExistsError if it exists and ``overwrite`` is False, ValueError without records.
+    """
+    if not records:
+        raise ValueError("no training records to plot.")
+    fig = _new_figure(6.4, 4.0, dpi)
+    ax = fig.subplots()
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        steps = np.array([r["step"] for r in records if r["stage"] == stage])
+        loss = np.array([r["loss"] for r in records if r["stage"] == stage], np.float64)
+        (line,) = ax.plot(steps, loss, alpha=0.25, linewidth=0.8)
+        if len(loss) >= window:
+            ax.plot(steps[window - 1 :], np.convolve(loss, np.ones(window) / window, mode="valid"), color=line.get_color(),
+                    label=f"{stage} (mean of {window})")
+        else:
+            line.set_label(stage)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (normalised units)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _save_figure(fig, path, overwrite, "png")

@@ -20,7 +20,7 @@ from enfpde.evaluation import (
     split_mse,
     write_report,
 )
-from enfpde.plotting import animate_rollout, grid_extent, grid_frames, plot_forecast_vs_truth, plot_mse_per_lead_time
+from enfpde.plotting import animate_rollout, grid_extent, grid_frames, plot_forecast_vs_truth, plot_mse_per_lead_time, plot_training_loss
 
 SPEED = 0.1  # cycles per time unit
 HORIZON = 3.0
@@ -367,7 +367,13 @@ def test_plots_write_images_and_refuse_to_overwrite(results, tmp_path):
     curve = plot_mse_per_lead_time(results, tmp_path / "mse.png")
     assert curve.read_bytes()[:4] == b"\x89PNG"
     plot_mse_per_lead_time({"a": [1e-3, 2e-3], "b": [0.0, 1e-2]}, tmp_path / "lists.png", horizon_time=1.0)
+    records = [{"step": i, "stage": "stage1" if i < 30 else "stage2", "loss": 1.0 / (i + 1)} for i in range(50)]
+    loss_png = plot_training_loss(records, tmp_path / "loss.png")
+    assert loss_png.read_bytes()[:4] == b"\x89PNG" and loss_png.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no training records"):
+        plot_training_loss([], tmp_path / "none.png")
     for call in (
+        lambda: plot_training_loss(records, loss_png),
         lambda: plot_forecast_vs_truth(truth, forecast, ds.times, png),
         lambda: animate_rollout(truth, forecast, ds.times, gif),
         lambda: plot_mse_per_lead_time(results, curve),

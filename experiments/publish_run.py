@@ -1,0 +1,104 @@
+"""Publish an evaluated run under experiments/results/: its report with a header (command, machine, training
+time), its figures and training-loss curve, and optionally the model itself (config.yaml, model.json and the
+final checkpoint only, loadable with `Forecaster.load`).
+
+    python experiments/publish_run.py runs/navier_stokes_cpu --name navier_stokes_cpu --ship-model \
+        --command "python experiments/navier_stokes.py --preset cpu"
+
+Writes experiments/results/<name>.md and experiments/results/<name>/ (figures; model/ with --ship-model).
+Existing files are replaced only with --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import jax
+
+from enfpde import checkpointing
+from enfpde.plotting import plot_training_loss
+from stage1_ablation import _cpu
+
+RESULTS = Path(__file__).parent / "results"
+FIGURES = ("forecast_vs_truth.png", "mse_per_lead_time.png")
+
+
+def training_time(records: list[dict]) -> tuple[float, float]:
+    """Wall seconds and machine seconds (CPU seconds / cores) of training, summed over resumed segments."""
+    wall = cpu = 0.0
+    last_wall = last_cpu = 0.0
+    for r in records:  # both clocks restart from 0 when a run resumes
+        if r["elapsed_s"] < last_wall:
+            wall, cpu = wall + last_wall, cpu + last_cpu
+        last_wall, last_cpu = r["elapsed_s"], r.get("cpu_s", 0.0)
+    return wall + last_wall, (cpu + last_cpu) / (os.cpu_count() or 1)
+
+
+def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite: bool) -> Path:
+    report = run_dir / "eval" / "report.md"
+    if not report.exists():
+        raise FileNotFoundError(f"'{run_dir}' has no evaluation ({report}); evaluate it first (enfpde evaluate).")
+    out_md, out_dir = RESULTS / f"{name}.md", RESULTS / name
+    if not overwrite and (out_md.exists() or out_dir.exists()):
+        raise FileExistsError(f"{out_md} or {out_dir} exists; pass --overwrite to replace them.")
+    records = checkpointing.read_metrics(run_dir)
+    wall, machine = training_time(records)
+    stages = {}
+    for r in records:
+        stages[r["stage"]] = stages.get(r["stage"], 0) + 1
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for figure in FIGURES:
+        if (run_dir / "eval" / figure).exists():
+            shutil.copy2(run_dir / "eval" / figure, out_dir / figure)
+    plot_training_loss(records, out_dir / "training_loss.png")
+    if ship_model:
+        step = max(int(p.name) for p in (run_dir / checkpointing.CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+        model = out_dir / "model"
+        model.mkdir()
+        for file in (checkpointing.CONFIG_FILE, checkpointing.MODEL_FILE):
+            shutil.copy2(run_dir / file, model / file)
+        shutil.copytree(run_dir / checkpointing.CHECKPOINT_DIR / str(step), model / checkpointing.CHECKPOINT_DIR / str(step))
+    header = [
+        f"# {name}",
+        "",
+        f"- Command: `{command}`; published with `python experiments/publish_run.py {run_dir} --name {name}"
+        f"{' --ship-model' if ship_model else ''}`.",
+        f"- Steps: " + ", ".join(f"{stage} {n}" for stage, n in stages.items()) + ".",
+        f"- Training time: {wall / 60:.1f} min wall, {machine / 60:.1f} machine minutes (CPU time of the training "
+        f"process / {os.cpu_count()} cores; other jobs shared the machine at times, which inflates wall time more).",
+        f"- Machine: {_cpu()}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}, jax {jax.__version__}.",
+    ]
+    if ship_model:
+        header.append(
+            f"- The model: [{name}/model]({name}/model) (config.yaml, model.json, checkpoint {step}); "
+            f"`Forecaster.load(\"experiments/results/{name}/model\")` or `enfpde forecast experiments/results/{name}/model ...`."
+        )
+    header += ["", f"![training loss]({name}/training_loss.png)", ""]
+    figures = [f"![{f[:-4]}]({name}/{f})" for f in FIGURES if (out_dir / f).exists()]
+    out_md.write_text("\n".join(header) + "\n" + report.read_text() + "\n" + "\n".join(figures) + "\n")
+    for split in ("test", "train"):
+        metrics = run_dir / "eval" / split / "metrics.json"
+        if metrics.exists():
+            shutil.copy2(metrics, out_dir / f"{split}_metrics.json")
+    return out_md
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--name", required=True, help="file name under experiments/results/")
+    parser.add_argument("--command", required=True, help="the command that trained the run (for the header)")
+    parser.add_argument("--ship-model", action="store_true", help="copy config, metadata and the final checkpoint")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    print(publish(args.run_dir, args.name, args.command, args.ship_model, args.overwrite))
+
+
+if __name__ == "__main__":
+    main()
