@@ -37,19 +37,19 @@ def quarter_turn_permutations(coords: np.ndarray, periods: tuple[float, ...]) ->
     if not np.isclose(periods[0], periods[1]):
         raise ValueError(f"quarter turns need a square torus; the periods are {periods}.")
     L = float(periods[0])
-    # Points to integer keys on a fine lattice, so matching is exact up to float noise.
-    scale = 1e6 / L
-    keys = {(int(round(x * scale)) % int(round(L * scale)), int(round(y * scale)) % int(round(L * scale))): m for m, (x, y) in enumerate(coords)}
+    # Points as integer keys on a lattice 1e6 times finer than the period, so matching ignores float noise.
+    scale, period = 1e6 / L, 1_000_000
+    key_of = lambda x, y: (int(round(x * scale)) % period, int(round(y * scale)) % period)
+    keys = {key_of(x, y): m for m, (x, y) in enumerate(coords)}
     if len(keys) != len(coords):
         raise ValueError("quarter turns need distinct points; some coordinates repeat.")
     perms = np.empty((4, len(coords)), np.int64)
     perms[0] = np.arange(len(coords))
     # R^-1 (x, y) = (y, -x): the source point of every target point after one turn.
     source = np.stack([coords[:, 1], np.mod(-coords[:, 0], L)], axis=1)
-    period = int(round(L * scale))
     one = np.empty(len(coords), np.int64)
     for m, (x, y) in enumerate(source):
-        key = (int(round(x * scale)) % period, int(round(y * scale)) % period)
+        key = key_of(x, y)
         if key not in keys:
             raise ValueError(
                 f"the points are not mapped onto themselves by a quarter turn: ({coords[m, 0]:.6g}, {coords[m, 1]:.6g}) "
