@@ -15,6 +15,7 @@ import argparse
 import os
 import platform
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -47,9 +48,7 @@ def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite:
         raise FileExistsError(f"{out_md} or {out_dir} exists; pass --overwrite to replace them.")
     records = checkpointing.read_metrics(run_dir)
     wall, machine = training_time(records)
-    stages = {}
-    for r in records:
-        stages[r["stage"]] = stages.get(r["stage"], 0) + 1
+    stages = Counter(r["stage"] for r in records)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
