@@ -174,6 +174,11 @@ class TrainConfig:
     # Symmetry augmentation of the training data (enfpde.data.augmentation): None, or "quarter_turns" (each
     # trajectory of a batch turned by a random multiple of 90 degrees; square tori, one scalar field).
     augment: Optional[str] = None
+    # Each trajectory of a batch contributes data.horizon consecutive frames from a random start frame of its
+    # file instead of its first data.horizon (equally spaced frames only). For dynamics that do not depend on
+    # absolute time (Navier-Stokes with its steady forcing), every window is a training sample, and stage 1
+    # sees every frame. The train split's evaluation then scores frames the model was trained on.
+    random_windows: bool = False
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0

@@ -183,9 +183,12 @@ class Trainer:
         self.geometry = make_geometry(config.data)
         self.geometry.coords_from_user(self.train_data.coords)  # coordinates fit the domain
         tc = config.train
+        if tc.random_windows:
+            self._check_equal_spacing()
         self.sampler = BatchSampler(
-            self.train_data, self.normalizer, tc.batch_size, tc.num_points, frames=slice(0, horizon), seed=tc.seed,
-            permutations=self._augmentation(),
+            self.train_data, self.normalizer, tc.batch_size, tc.num_points,
+            frames=slice(None) if tc.random_windows else slice(0, horizon), seed=tc.seed,
+            permutations=self._augmentation(), window=horizon if tc.random_windows else None,
         )
         # Every device of the job: those of this process alone unless jax.distributed runs several processes.
         self.devices = list(devices) if devices is not None else jax.devices()
@@ -195,7 +198,7 @@ class Trainer:
         # every chunk's residuals anyway and cost time and memory (figures in experiments/README.md, ERA5).
         # num_points and num_microbatches bound training memory; model.chunk_size bounds gradient-free decoding.
         self.modules[0].chunk_size = None
-        self.has_missing = not bool(self.train_data.mask[:, :horizon].all())
+        self.has_missing = not bool(self.train_data.mask[:, : None if tc.random_windows else horizon].all())
         self.schedule = Schedule(self.sampler.steps_per_epoch, (tc.stage1.epochs, tc.stage2.epochs, tc.joint.epochs))
         times = self.train_data.times[:horizon]
         self.times = jnp.asarray((times - times[0]) / config.model.time_unit, jnp.float32)
@@ -429,6 +432,15 @@ class Trainer:
         finally:
             manager.close()
         return self.run_dir
+
+    def _check_equal_spacing(self) -> None:
+        """Random windows share one set of lead times, so the training file's frames must be equally spaced."""
+        steps = np.diff(self.train_data.times)
+        if not np.allclose(steps, steps[0], rtol=1e-6, atol=0.0):
+            raise ConfigError(
+                f"train.random_windows needs equally spaced frames; the training file's frame intervals are "
+                f"{sorted(set(np.round(steps, 6).tolist()))} ({self.config.data.train})."
+            )
 
     def _augmentation(self) -> np.ndarray | None:
         """The point permutations of ``train.augment`` for the training file, or None."""

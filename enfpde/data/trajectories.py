@@ -285,13 +285,15 @@ class Batch:
 
     Attributes:
         coords: ``[P, D]`` user coordinates; values: ``[B, T, P, C]`` normalised, missing points zero;
-        mask: ``[B, T, P]`` observed points; trajectories: ``[B]`` indices into the dataset.
+        mask: ``[B, T, P]`` observed points; trajectories: ``[B]`` indices into the dataset;
+        start_frames: ``[B]`` the frame (of the sampler's frames) each trajectory's window starts at.
     """
 
     coords: np.ndarray
     values: np.ndarray
     mask: np.ndarray
     trajectories: np.ndarray
+    start_frames: np.ndarray
 
 
 class BatchSampler:
@@ -310,6 +312,9 @@ class BatchSampler:
         permutations: ``[K, M]`` point permutations of a symmetry of the data (e.g.
             ``augmentation.quarter_turn_permutations``); each trajectory of a batch is then transformed by a random
             one of them (a pure function of ``(seed, step)`` too). None: no augmentation.
+        window: each trajectory contributes this many consecutive frames (of ``frames``) from a random start,
+            drawn per trajectory and step (a pure function of ``(seed, step)`` too); None: all of ``frames``. For
+            dynamics that do not depend on absolute time, every window of a trajectory is a training sample.
     """
 
     def __init__(
@@ -321,6 +326,7 @@ class BatchSampler:
         frames=slice(None),
         seed: int = 0,
         permutations: np.ndarray | None = None,
+        window: int | None = None,
     ):
         if batch_size > dataset.num_trajectories:
             raise ValueError(
@@ -337,6 +343,10 @@ class BatchSampler:
         if permutations is not None and (permutations.ndim != 2 or permutations.shape[1] != m):
             raise ValueError(f"permutations must be [K, {m}] (one per symmetry, over the file's points); found {permutations.shape}.")
         self.permutations = permutations
+        num_frames = self.values.shape[1]
+        if window is not None and not 1 <= window <= num_frames:
+            raise ValueError(f"window must be in [1, {num_frames}] (the sampler's frames), found {window}.")
+        self.window = window
 
     def __call__(self, step: int, rows: slice = slice(None)) -> Batch:
         """The batch of ``step``; with ``rows``, only those rows of it (the share of one process of a
@@ -346,15 +356,25 @@ class BatchSampler:
         trajectories = np.sort(order[index * self.batch_size : (index + 1) * self.batch_size])
         m = self.coords.shape[0]
         points = np.random.default_rng([self.seed, 1, step]).choice(m, self.num_points, replace=False) if self.num_points < m else np.arange(m)
+        # Draws for the whole batch, then this process's rows: every process sees the same batch.
+        starts = np.zeros(len(trajectories), np.int64)
+        if self.window is not None:
+            starts = np.random.default_rng([self.seed, 3, step]).integers(self.values.shape[1] - self.window + 1, size=len(trajectories))
+        if self.permutations is not None:
+            symmetry = np.random.default_rng([self.seed, 2, step]).integers(len(self.permutations), size=len(trajectories))[rows]
+        trajectories, starts = trajectories[rows], starts[rows]
+        if self.window is None:
+            values, mask = self.values[trajectories], self.mask[trajectories]  # [b, T, M, C], [b, T, M]
+        else:
+            frames = starts[:, None] + np.arange(self.window)  # [b, W]
+            values, mask = self.values[trajectories[:, None], frames], self.mask[trajectories[:, None], frames]
         if self.permutations is None:
-            trajectories = trajectories[rows]
-            values, mask = self.values[trajectories][:, :, points], self.mask[trajectories][:, :, points]
+            values, mask = values[:, :, points], mask[:, :, points]
         else:  # the value at a point is the untransformed field's at the permuted point
-            symmetry = np.random.default_rng([self.seed, 2, step]).integers(len(self.permutations), size=len(trajectories))
-            trajectories, source = trajectories[rows], self.permutations[symmetry[rows]][:, points]  # [b, P]
-            values = np.take_along_axis(self.values[trajectories], source[:, None, :, None], axis=2)
-            mask = np.take_along_axis(self.mask[trajectories], source[:, None, :], axis=2)
-        return Batch(coords=self.coords[points], values=values, mask=mask, trajectories=trajectories)
+            source = self.permutations[symmetry][:, points]  # [b, P]
+            values = np.take_along_axis(values, source[:, None, :, None], axis=2)
+            mask = np.take_along_axis(mask, source[:, None, :], axis=2)
+        return Batch(coords=self.coords[points], values=values, mask=mask, trajectories=trajectories, start_frames=starts)
 
     def iterate(self, first_step: int, last_step: int) -> Iterator[tuple[int, Batch]]:
         for step in range(first_step, last_step):
