@@ -1,5 +1,14 @@
 import contextlib
 import fcntl
+import os
+
+# Before anything imports equinox (through diffrax), and inherited by the subprocesses the tests start: diffrax's
+# runtime checks (equinox's error_if) return NaN instead of raising through a host callback. A program with a
+# host callback is never written to JAX's persistent compilation cache, so every train step, forecast and
+# evaluation that integrates the latents would otherwise be compiled afresh by each Trainer, Forecaster and
+# subprocess (in-process they are new jitted closures each time). The tests never reach those checks: the
+# package refuses too many solver steps up front, and a non-finite result is its own NonFinite*Error either way.
+os.environ.setdefault("EQX_ON_ERROR", "nan")
 
 import pytest
 
@@ -88,9 +97,10 @@ def tiny_run(tiny_config, shared_dir):
     return run_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def forecaster(tiny_run):
-    """The tiny run's forecaster (2 states per compiled call), loaded once per test module."""
+    """The tiny run's forecaster (2 states per compiled call), loaded once per session (per xdist worker): its
+    compiled forecasts are reused by every module. Tests only call it; none changes its attributes."""
     from enfpde.forecaster import Forecaster
 
     return Forecaster.load(tiny_run, batch_size=2)
