@@ -17,6 +17,20 @@ from enfpde.testing import all_geometries
 GEOMETRIES = all_geometries()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Under ``-n N`` (``--dist loadgroup`` in pyproject.toml): the tests of a module with module-scoped fixtures
+    of its own (trained baselines, generated data, an experiment run) go to one worker together, so each such
+    fixture is built once per session, not once on every worker that the balancing hands some of its tests.
+    All other tests are still balanced one by one."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        info = getattr(item, "_fixtureinfo", None)
+        definitions = info.name2fixturedefs.values() if info is not None else ()
+        if any(defs[-1].scope == "module" and defs[-1].baseid == module for defs in definitions if defs):
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
 @pytest.fixture(params=list(GEOMETRIES), ids=list(GEOMETRIES))
 def geometry(request):
     return GEOMETRIES[request.param]
