@@ -102,6 +102,9 @@ class ModelConfig:
     dynamics_layers: int = 3
     dynamics_frequencies: int = 32
     kernel_radius: Optional[float] = None
+    # Initial value of the learned scale on both velocity read-outs of the dynamics (enfpde.dynamics): small
+    # makes the untrained flow near the identity.
+    dynamics_output_scale: float = 1e-3
     # The dynamics see contexts standardised by statistics of the fitted training latents (enfpde.dynamics);
     # runs saved before this switch existed are read with it off.
     standardize_contexts: bool = True
@@ -165,6 +168,10 @@ class TrainConfig:
     batch_size: int = 8
     num_points: Optional[int] = 512
     stage1_frames: Optional[int] = None
+    # Frames of each training window (from its first) that the dynamics stages (stage 2, joint) are trained on;
+    # None: all data.horizon. Fewer make each step cheaper and the rollouts shorter; the evaluation's t_in / t_out
+    # split stays at data.horizon.
+    stage2_frames: Optional[int] = None
     stage1: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(400, 1e-4))
     stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(1600, 1e-3))
     joint: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(0, 1e-5))

@@ -153,6 +153,7 @@ def build_modules(
         num_layers=model.dynamics_layers,
         num_frequencies=model.dynamics_frequencies,
         kernel_radius=model.kernel_radius,
+        output_scale=model.dynamics_output_scale,
         standardize_contexts=model.standardize_contexts,
         rngs=rngs,
     )

@@ -312,6 +312,8 @@ class Trainer:
         horizon = self.config.data.horizon
         if tc.stage1_frames is not None and not 1 <= tc.stage1_frames <= horizon:
             raise ConfigError(f"train.stage1_frames = {tc.stage1_frames} must be in [1, {horizon}] (data.horizon) or null.")
+        if tc.stage2_frames is not None and not 2 <= tc.stage2_frames <= horizon:
+            raise ConfigError(f"train.stage2_frames = {tc.stage2_frames} must be in [2, {horizon}] (data.horizon) or null.")
         fields = tc.batch_size * self.stage1_frames
         if fields % tc.num_microbatches:
             raise ConfigError(
@@ -501,7 +503,9 @@ class Trainer:
             total=end, initial=start, disable=not (self.progress and main), desc="training", unit="step", dynamic_ncols=True
         )
         base_key = jax.random.key(tc.seed)
-        times = self._replicate(self.times)
+        # The dynamics stages train on the first stage2_frames frames of each window.
+        frames2 = tc.stage2_frames or self.config.data.horizon
+        times = self._replicate(self.times[:frames2])
         rows = distributed.process_rows(tc.batch_size)  # this process's trajectories of every batch
         stage, params, rest, frozen, opt_state = None, None, None, None, None
         t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -533,9 +537,9 @@ class Trainer:
                         mask = shard(fields_mask)
                     params, opt_state, loss = self.step1(params, opt_state, rest, coords, values, key, mask)
                 else:
-                    values = shard(batch.values)
+                    values = shard(batch.values[:, :frames2])
                     if self.has_missing:
-                        mask = shard(batch.mask)
+                        mask = shard(batch.mask[:, :frames2])
                     if stage == "stage2":
                         params, opt_state, loss = self.step2(params, opt_state, rest, frozen, coords, values, times, key, mask)
                     else:

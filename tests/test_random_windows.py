@@ -91,3 +91,4 @@ def test_unequally_spaced_frames_are_refused_before_the_run_directory_is_made(ti
     with pytest.raises(ConfigError, match=r"random_windows needs equally spaced frames.*\[1\.0, 2\.0\]"):
         Trainer(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
