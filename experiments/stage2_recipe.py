@@ -25,6 +25,7 @@ from flax import nnx
 
 from enfpde import checkpointing
 from enfpde.config import config_from_yaml, load_config
+from enfpde.data.trajectories import TrajectoryDataset
 from enfpde.experiment import cumulative_seconds
 from enfpde.plotting import _new_figure
 from enfpde.trainer import Trainer
@@ -43,8 +44,7 @@ ALLOWED_PREFIXES = ("model.dynamics_", "model.solver", "model.dt0", "model.kerne
 
 
 def stage1_end(config) -> int:
-    from enfpde.data.trajectories import TrajectoryDataset
-
+    """The global step at which the config's stage 1 ends."""
     steps_per_epoch = TrajectoryDataset.open(config.data.train).num_trajectories // config.train.batch_size
     return config.train.stage1.epochs * steps_per_epoch
 
