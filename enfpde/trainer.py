@@ -198,7 +198,7 @@ class Trainer:
         # every chunk's residuals anyway and cost time and memory (figures in experiments/README.md, ERA5).
         # num_points and num_microbatches bound training memory; model.chunk_size bounds gradient-free decoding.
         self.modules[0].chunk_size = None
-        self.has_missing = not bool(self.train_data.mask[:, : None if tc.random_windows else horizon].all())
+        self.has_missing = not bool(self.sampler.mask.all())  # over the frames the sampler draws from
         self.schedule = Schedule(self.sampler.steps_per_epoch, (tc.stage1.epochs, tc.stage2.epochs, tc.joint.epochs))
         times = self.train_data.times[:horizon]
         self.times = jnp.asarray((times - times[0]) / config.model.time_unit, jnp.float32)
