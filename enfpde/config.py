@@ -94,6 +94,9 @@ class ModelConfig:
     # with inner_points: the inner steps fit disjoint subsets of the step's points and the stage-1 loss is
     # measured on the points left over (the released code's sampling); see enfpde.encoder.MetaSGDEncoder
     disjoint_subsets: bool = False
+    # with inner_points and independent subsets: the stage-1 loss is measured on an independent random draw of
+    # this many points (the released code's sampling: 3 inner draws and a fourth for the loss); None: every point
+    outer_points: Optional[int] = None
     first_order: bool = False
     pose_lr: float = 1.0
     context_lr: float = 5.0

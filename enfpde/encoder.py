@@ -95,6 +95,9 @@ class MetaSGDEncoder(nnx.Module):
             order of the points (:meth:`subset_order`), so the steps see disjoint subsets (the released code's
             sampling); the points after them are left for an outer loss (:func:`enfpde.training.reconstruction_loss`).
             False: an independent random subset per step.
+        outer_points: with ``inner_points`` and independent subsets, the stage-1 loss is measured on an independent
+            random draw of this many points (:meth:`outer_subset`), as the released code does; ``None``: on every
+            given point.
         width_factor: window width as a multiple of the latent spacing.
     """
 
@@ -113,6 +116,7 @@ class MetaSGDEncoder(nnx.Module):
         first_order: bool = False,
         width_factor: float = 1.0,
         disjoint_subsets: bool = False,
+        outer_points: int | None = None,
     ):
         if num_inner_steps < 0:
             raise ValueError(f"num_inner_steps must be >= 0, found {num_inner_steps}.")
@@ -124,6 +128,12 @@ class MetaSGDEncoder(nnx.Module):
         self.lr_bounds, self.learn_poses, self.first_order = tuple(lr_bounds), learn_poses, first_order
         self.width_factor = width_factor
         self.disjoint_subsets = disjoint_subsets
+        if outer_points is not None and (inner_points is None or disjoint_subsets or outer_points < 1):
+            raise ValueError(
+                f"outer_points = {outer_points} needs inner_points with independent subsets (disjoint_subsets False) "
+                f"and must be >= 1; found inner_points = {inner_points}, disjoint_subsets = {disjoint_subsets}."
+            )
+        self.outer_points = outer_points
         # Inference only (the Forecaster sets it): compute each inner gradient over chunks of this many points,
         # so memory is bounded by a chunk instead of growing with the number of observed points. None: one piece.
         self.grad_chunk_size: int | None = None
@@ -144,6 +154,12 @@ class MetaSGDEncoder(nnx.Module):
         """The random order ``[B, M]`` whose consecutive slices of ``inner_points`` are the inner steps' subsets
         when ``disjoint_subsets`` (a pure function of ``key``: the outer loss recomputes it)."""
         return point_order(key, values.shape[0], values.shape[1], mask)
+
+    def outer_subset(self, key: Array, coords: Array, values: Array, mask: Array | None):
+        """The points the stage-1 loss is measured on when ``outer_points`` is set: a random draw of that many
+        points per field, independent of the inner steps' draws (which use ``jax.random.split(key, K)``).
+        Returns ``[B, outer_points, ...]`` coords, values and mask."""
+        return _subset(jax.random.fold_in(key, self.num_inner_steps), coords, values, mask, self.outer_points)
 
     def step_sizes(self) -> tuple[Array, Array]:
         """The clipped inner step sizes ``(pose [], context [latent_dim])``."""

@@ -144,6 +144,7 @@ def build_modules(
         learn_poses=model.learn_poses,
         first_order=model.first_order,
         disjoint_subsets=model.disjoint_subsets,
+        outer_points=model.outer_points,
         width_factor=model.width_factor,
     )
     dynamics = EquivariantDynamics(

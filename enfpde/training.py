@@ -44,14 +44,17 @@ def reconstruction_loss(model: NeuralFieldAutoencoder, coords, values, mask=None
     """Stage-1 loss: mean over fields of the masked MSE of the Meta-SGD reconstruction. ``values [B, M, C]``.
 
     With disjoint inner subsets (``encoder.disjoint_subsets``) and points left over after them, the loss is
-    measured on those held-out points only, as in the released code: the decoder is trained to represent the
-    whole field from a fit to other points of it. Otherwise it is measured on every given point."""
+    measured on those held-out points only: the decoder is trained to represent the whole field from a fit to
+    other points of it. With ``encoder.outer_points`` (independent inner draws) it is measured on one more
+    independent draw of that many points, as in the released code. Otherwise on every given point."""
     encoder = model.encoder
     z = encoder(model.field, coords, values, mask, key=key)
     S, K, M = encoder.inner_points, encoder.num_inner_steps, values.shape[1]
     if encoder.disjoint_subsets and S is not None and K * S < M:
         held_out = encoder.subset_order(key, values, mask)[:, K * S :]
         coords, values, mask = take_points(held_out, coords, values, mask)
+    elif encoder.outer_points is not None and S is not None and S < M and encoder.outer_points < M:
+        coords, values, mask = encoder.outer_subset(key, coords, values, mask)
     return masked_mse(model.field(coords, z), values, mask).mean()
 
 

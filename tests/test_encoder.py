@@ -127,6 +127,29 @@ def test_disjoint_subsets_fit_some_points_and_score_the_others(data):
         small_model(inner_points=64, disjoint_subsets=True).encoder(model.field, coords, values, key=key)
 
 
+def test_outer_points_score_an_independent_draw(data):
+    """With ``outer_points`` the stage-1 loss is the MSE on its own random draw of points (the released code's
+    fourth draw): equal to the MSE computed on exactly those points, and blind to every other point."""
+    from enfpde.training import reconstruction_loss
+
+    coords, values = data
+    model = small_model(inner_points=32, outer_points=16)
+    key = jax.random.key(5)
+    c, v, _ = model.encoder.outer_subset(key, coords, values, None)
+    assert v.shape == (values.shape[0], 16, 1)
+    z = _encode(model, coords, values, key=key)
+    pred = jit_decoder(model.field)(c, z)
+    loss = float(reconstruction_loss(model, coords, values, key=key))
+    np.testing.assert_allclose(loss, float(masked_mse(pred, v).mean()), rtol=1e-5)
+    # the draw differs from the inner steps' first draw (a fresh key), so it is not simply their points
+    inner_first = np.asarray(jnp.argsort(jax.random.uniform(jax.random.split(key, 3)[0], values.shape[:2]), axis=1)[:, :16])
+    outer = np.asarray(jnp.argsort(jax.random.uniform(jax.random.fold_in(key, 3), values.shape[:2]), axis=1)[:, :16])
+    assert not np.array_equal(np.sort(inner_first, axis=1), np.sort(outer, axis=1))
+    for kwargs in ({"outer_points": 16}, {"inner_points": 32, "disjoint_subsets": True, "outer_points": 16}):
+        with pytest.raises(ValueError, match="outer_points = 16 needs inner_points with independent subsets"):
+            small_model(**kwargs)
+
+
 def test_learning_rates_are_clipped():
     encoder = MetaSGDEncoder(TORUS, num_latents=4, latent_dim=3, lr_bounds=(1e-6, 10.0))
     encoder.pose_lr[...] = jnp.asarray(100.0)
