@@ -70,31 +70,51 @@ def summary(run_dir: Path, split: str) -> dict | None:
     return {"model": s["model"], "persistence": s["persistence"]}
 
 
+def run_summary(run_dir: Path) -> dict | None:
+    """What the report needs of a finished run: its stage-2 curve and the test and train evaluations."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    minutes, loss = stage2_curve(run_dir)
+    return {"minutes": minutes.tolist(), "loss": loss.tolist(), "test": summary(run_dir, "test"), "train": summary(run_dir, "train")}
+
+
 def report(runs: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Runs of earlier sessions live on in the committed JSON (rows without a curve: their logs are gone);
+    # a run found under ``runs`` replaces its entry.
+    saved = RESULTS / "quick_recipe.json"
+    entries = json.loads(saved.read_text()) if saved.exists() else {}
+    for name in VARIANTS:
+        found = run_summary(runs / name)
+        if found is not None:
+            entries[name] = found
     lines = [
         "| run | stage-2 steps | stage-2 machine min | stage-2 loss, last 80 steps | test t_in | test t_out | train t_in | train t_out |",
         "|---|---|---|---|---|---|---|---|",
     ]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     persistence = None
-    for name, (overrides, description) in VARIANTS.items():
-        run_dir = runs / name
-        if not (run_dir / "metrics.jsonl").exists():
+    for name in VARIANTS:
+        if name not in entries:
             continue
-        minutes, loss = stage2_curve(run_dir)
-        ax.plot(minutes[len(minutes) - len(smooth(loss)):], smooth(loss), label=name)
-        test, train = summary(run_dir, "test"), summary(run_dir, "train")
+        e = entries[name]
+        if e.get("loss"):
+            minutes, loss = np.asarray(e["minutes"]), np.asarray(e["loss"])
+            ax.plot(minutes[len(minutes) - len(smooth(loss)):], smooth(loss), label=name)
+            steps, last_minute, last_loss = len(loss), minutes[-1], loss[-80:].mean()
+        else:
+            steps, last_minute, last_loss = e["stage2_steps"], e["stage2_machine_min"], e["loss_last80"]
+        test, train = e["test"], e["train"]
         cell = lambda s, part: "" if s is None else f"{s['model'][part]:.3f}"
         lines.append(
-            f"| {name} | {len(loss)} | {minutes[-1]:.1f} | {loss[-80:].mean():.3f} | {cell(test, 't_in')} | {cell(test, 't_out')} | "
+            f"| {name} | {steps} | {last_minute:.1f} | {last_loss:.3f} | {cell(test, 't_in')} | {cell(test, 't_out')} | "
             f"{cell(train, 't_in')} | {cell(train, 't_out')} |"
         )
-        persistence = persistence or test
+        persistence = persistence or (test if test and "persistence" in test else None)
     ax.set_xlabel("machine minutes of stage 2 (CPU s / cores / 60)")
     ax.set_ylabel("stage-2 loss (normalised, mean of 40 steps)")
     ax.legend()
@@ -102,6 +122,7 @@ def report(runs: Path) -> None:
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(RESULTS / "quick_recipe.png", dpi=120)
+    saved.write_text(json.dumps(entries, indent=1))
     variants = "\n".join(
         f"- `{name}`: {description}. Overrides: `{' '.join(overrides)}`." for name, (overrides, description) in VARIANTS.items()
     )

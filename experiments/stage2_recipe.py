@@ -5,7 +5,8 @@
 Every variant starts from the same decoder and Meta-SGD encoder (the base run's checkpoint at the end of its
 stage 1) and from the same fresh dynamics initialisation (the base run's seed), and trains stage 2 on the base
 run's data and batches with the variant's overrides; only dynamics settings and the stage-2 schedule may
-differ. The base run's own stage-2 log is the `base` variant. Each variant is a run directory
+differ (and the points per frame, which only the finished stage 1 used before). The base run's own stage-2 log
+is the `base` variant. Each variant is a run directory
 ``<base>_s2_<variant>`` (kept: a second call continues or reuses it) with its training loss per step; the
 report compares the mean training loss over windows of steps and the machine minutes spent.
 
@@ -39,8 +40,15 @@ VARIANTS = {
     "heun": ({"model.solver": "heun"}, "Heun (2 evaluations per frame) instead of explicit Euler"),
     "lr_5e-3": ({"train.stage2.learning_rate": 5e-3}, "peak learning rate 5e-3 instead of 2e-3"),
     "width_128x3": ({"model.dynamics_hidden": 128, "model.dynamics_layers": 3}, "dynamics 128 wide, 3 blocks (the released size)"),
+    "frames_3": ({"train.stage2_frames": 3}, "trains on frames 0-2 of each trajectory (2 Euler steps) instead of 0-9"),
+    "frames_5": ({"train.stage2_frames": 5}, "trains on frames 0-4 of each trajectory (4 Euler steps) instead of 0-9"),
+    "points_128": ({"train.num_points": 128}, "128 random points per frame in the loss instead of 256"),
+    "frames_5_points_128": (
+        {"train.stage2_frames": 5, "train.num_points": 128}, "frames 0-4 and 128 points per frame (both of the above)"
+    ),
 }
-ALLOWED_PREFIXES = ("model.dynamics_", "model.solver", "model.dt0", "model.kernel_radius", "train.stage2.")
+ALLOWED_PREFIXES = ("model.dynamics_", "model.solver", "model.dt0", "model.kernel_radius", "train.stage2.", "train.stage2_frames",
+                    "train.num_points")
 
 
 def stage1_end(config) -> int:
@@ -49,13 +57,15 @@ def stage1_end(config) -> int:
     return config.train.stage1.epochs * steps_per_epoch
 
 
-def start_variant(base: Path, run_dir: Path, overrides: dict) -> int:
+def start_variant(base: Path, run_dir: Path, overrides: dict, checkpoint_every: int) -> int:
     """Make ``run_dir`` a run at the base run's stage-1 end with a fresh dynamics model; returns that step."""
     for key in overrides:
         if not key.startswith(ALLOWED_PREFIXES):
             raise SystemExit(f"{key}: only dynamics settings and train.stage2.* may differ from the base run.")
     config = load_config(base / checkpointing.CONFIG_FILE, [f"{k}={v}" for k, v in overrides.items()])
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, keep_checkpoints=1, checkpoint_every=10**6))
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, keep_checkpoints=1000, checkpoint_every=checkpoint_every)
+    )
     boundary = stage1_end(config)
     trainer = Trainer(config, run_dir, progress=False)
     base_manager = checkpointing.checkpoint_manager(base, max_to_keep=None)
@@ -73,10 +83,12 @@ def start_variant(base: Path, run_dir: Path, overrides: dict) -> int:
     return boundary
 
 
-def train_variant(base: Path, name: str, overrides: dict, steps: int) -> list[dict]:
+def train_variant(base: Path, name: str, overrides: dict, steps: int, checkpoint_every: int) -> list[dict]:
+    """Train (or continue) the variant's run to ``steps`` stage-2 steps, keeping a checkpoint every
+    ``checkpoint_every``; returns its stage-2 log."""
     run_dir = base.parent / f"{base.name}_s2_{name}"
     if not (run_dir / checkpointing.CONFIG_FILE).exists():
-        boundary = start_variant(base, run_dir, overrides)
+        boundary = start_variant(base, run_dir, overrides, checkpoint_every)
     else:
         boundary = stage1_end(config_from_yaml(run_dir / checkpointing.CONFIG_FILE))
     done = [r for r in checkpointing.read_metrics(run_dir) if r["stage"] == "stage2"]
@@ -91,7 +103,24 @@ def summary(records: list[dict], window: int) -> dict:
     # CPU seconds since the first stage-2 record (the log's clock also counts stage 1 in the base run)
     cpu = (lambda c: c - c[0])(cumulative_seconds(records, "cpu_s")) / (os.cpu_count() or 1) / 60.0
     means = [float(losses[i : i + window].mean()) for i in range(0, len(losses) - window + 1, window)]
-    return {"window_means": means, "machine_min": float(cpu[-1]) if len(cpu) else 0.0, "losses": losses.tolist()}
+    return {"window_means": means, "machine_min": float(cpu[-1]) if len(cpu) else 0.0, "losses": losses.tolist(),
+            "cpu_minutes": cpu.tolist()}
+
+
+def test_scores(run_dir: Path, boundary: int, steps: list[int], cpu_at: dict[int, float]) -> list[dict]:
+    """Standard-protocol test t_in / t_out of ``run_dir`` at stage-2 steps ``steps`` (counted from ``boundary``),
+    with the stage-2 machine minutes spent to reach them (``cpu_at``: stage-2 step -> minutes)."""
+    from test_curve import score  # the scoring of experiments/test_curve.py, so the curves compare
+
+    config = config_from_yaml(run_dir / checkpointing.CONFIG_FILE)
+    test = TrajectoryDataset.open(config.data.test)
+    rows = []
+    for step in steps:
+        scored = score(run_dir, boundary + step, test, config.eval.batch_size)
+        rows.append({"stage2_step": step, "machine_min": cpu_at[step], "t_in": scored["model"]["t_in"],
+                     "t_out": scored["model"]["t_out"], "persistence_t_in": scored["persistence"]["t_in"]})
+        print(f"{run_dir.name} stage-2 step {step}: test t_in {rows[-1]['t_in']:.3e}, t_out {rows[-1]['t_out']:.3e}", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -100,25 +129,44 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), required=True)
     parser.add_argument("--steps", type=int, default=256, help="stage-2 steps per variant")
     parser.add_argument("--window", type=int, default=64, help="steps per mean in the table")
+    parser.add_argument(
+        "--test-every", type=int, default=0,
+        help="score the test split every this many stage-2 steps (checkpoints kept there; the base run must have "
+             "checkpoints at the same steps); 0: no test scores",
+    )
+    parser.add_argument("--name", default="stage2_recipe", help="results go to experiments/results/<name>.{md,json,png}")
     args = parser.parse_args()
 
     base_records = [r for r in checkpointing.read_metrics(args.base) if r["stage"] == "stage2"][: args.steps]
     if len(base_records) < args.steps:
         raise SystemExit(f"'{args.base}' has {len(base_records)} stage-2 steps logged; {args.steps} are needed for the comparison.")
-    results = {"base": {"overrides": {}, "what": "the base run's own stage 2", **summary(base_records, args.window)}}
+    boundary = base_records[0]["step"]
+    test_steps = list(range(args.test_every, args.steps + 1, args.test_every)) if args.test_every else []
+    runs = {"base": (args.base, {}, "the base run's own stage 2", base_records)}
     for name in args.variants:
         overrides, what = VARIANTS[name]
-        results[name] = {"overrides": overrides, "what": what, **summary(train_variant(args.base, name, overrides, args.steps), args.window)}
+        records = train_variant(args.base, name, overrides, args.steps, args.test_every or 10**6)
+        runs[name] = (args.base.parent / f"{args.base.name}_s2_{name}", overrides, what, records)
+    results = {}
+    for name, (run_dir, overrides, what, records) in runs.items():
+        results[name] = {"overrides": overrides, "what": what, **summary(records, args.window)}
+        if test_steps:
+            cpu = summary(records, 1)["cpu_minutes"]
+            results[name]["test"] = test_scores(run_dir, boundary, test_steps, {s: cpu[s - 1] for s in test_steps})
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stage2_recipe.json").write_text(json.dumps({"base": str(args.base), "steps": args.steps, "results": results}, indent=1))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"base": str(args.base), "steps": args.steps, "results": results}, indent=1))
     header = " | ".join(f"steps {i * args.window}-{(i + 1) * args.window - 1}" for i in range(args.steps // args.window))
+    command = f"python experiments/stage2_recipe.py {args.base} --variants {' '.join(args.variants)} --steps {args.steps}"
+    command += f" --window {args.window}" + (f" --test-every {args.test_every}" if args.test_every else "")
+    command += "" if args.name == "stage2_recipe" else f" --name {args.name}"
     lines = [
         "# Stage-2 variants from one stage 1",
         "",
-        f"Command: `python experiments/stage2_recipe.py {args.base} --variants {' '.join(args.variants)} --steps {args.steps}`.",
+        f"Command: `{command}`.",
         "Every variant starts from the base run's decoder and encoder at the end of its stage 1 and from the same fresh",
-        "dynamics; same batches. Mean stage-2 training loss (normalised units) over windows of steps.",
+        "dynamics; same batches. Mean stage-2 training loss (normalised units) over windows of steps; variants that",
+        "train on fewer frames or points have losses over those only, so compare them by the test scores.",
         "",
         f"| variant | what | {header} | machine min |",
         "|---|---|" + "---|" * (args.steps // args.window) + "---|",
@@ -126,10 +174,23 @@ def main() -> None:
     for name, r in results.items():
         means = " | ".join(f"{m:.3f}" for m in r["window_means"])
         lines.append(f"| {name} | {r['what']} | {means} | {r['machine_min']:.1f} |")
-    (RESULTS / "stage2_recipe.md").write_text("\n".join(lines) + "\n\n![curves](stage2_recipe.png)\n")
+    if test_steps:
+        lines += [
+            "",
+            "Test split, standard protocol (MSE in the data's units), at stage-2 steps: t_in / t_out (stage-2 machine minutes,",
+            f"CPU time of training / cores). Persistence: t_in {results['base']['test'][0]['persistence_t_in']:.3f}.",
+            "",
+            "| variant | " + " | ".join(f"step {s}" for s in test_steps) + " |",
+            "|---|" + "---|" * len(test_steps),
+        ]
+        for name, r in results.items():
+            cells = " | ".join(f"{t['t_in']:.3f} / {t['t_out']:.3f} ({t['machine_min']:.1f})" for t in r["test"])
+            lines.append(f"| {name} | {cells} |")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + f"\n\n![curves]({args.name}.png)\n")
 
-    fig = _new_figure(6.4, 4.0, 100)
-    ax = fig.subplots()
+    fig = _new_figure(11 if test_steps else 6.4, 4.0, 100)
+    axes = fig.subplots(1, 2 if test_steps else 1)
+    ax = axes[0] if test_steps else axes
     for name, r in results.items():
         losses = np.asarray(r["losses"])
         smooth = np.convolve(losses, np.ones(16) / 16, mode="valid")
@@ -137,7 +198,13 @@ def main() -> None:
     ax.set(xlabel="stage-2 step", ylabel="training loss (normalised, 16-step mean)", yscale="log")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.savefig(RESULTS / "stage2_recipe.png")
+    if test_steps:
+        for name, r in results.items():
+            axes[1].plot([t["machine_min"] for t in r["test"]], [t["t_in"] for t in r["test"]], "o-", label=name)
+        axes[1].set(xlabel="stage-2 machine minutes", ylabel="test t_in MSE", yscale="log")
+        axes[1].grid(alpha=0.3, which="both")
+        axes[1].legend()
+    fig.savefig(RESULTS / f"{args.name}.png")
 
 
 if __name__ == "__main__":
