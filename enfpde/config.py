@@ -175,6 +175,10 @@ class TrainConfig:
     # None: all data.horizon. Fewer make each step cheaper and the rollouts shorter; the evaluation's t_in / t_out
     # split stays at data.horizon.
     stage2_frames: Optional[int] = None
+    # Points per frame in the dynamics stages' loss: the first stage2_points of the step's random num_points (so
+    # a random subset too); None: all num_points. Lets stage 1 draw from the whole grid (the released sampling,
+    # model.inner_points / model.outer_points) while the dynamics stages decode only a few hundred points.
+    stage2_points: Optional[int] = None
     stage1: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(400, 1e-4))
     stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(1600, 1e-3))
     joint: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(0, 1e-5))

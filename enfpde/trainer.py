@@ -314,6 +314,11 @@ class Trainer:
             raise ConfigError(f"train.stage1_frames = {tc.stage1_frames} must be in [1, {horizon}] (data.horizon) or null.")
         if tc.stage2_frames is not None and not 2 <= tc.stage2_frames <= horizon:
             raise ConfigError(f"train.stage2_frames = {tc.stage2_frames} must be in [2, {horizon}] (data.horizon) or null.")
+        if tc.stage2_points is not None and not 1 <= tc.stage2_points <= self.sampler.num_points:
+            raise ConfigError(
+                f"train.stage2_points = {tc.stage2_points} must be in [1, {self.sampler.num_points}] (the points of a step: "
+                f"train.num_points, or all of the training file's points if it has fewer) or null."
+            )
         fields = tc.batch_size * self.stage1_frames
         if fields % tc.num_microbatches:
             raise ConfigError(
@@ -338,12 +343,21 @@ class Trainer:
         b, t = values.shape[:2]
         k = self.stage1_frames
         if k < t:
-            rng = np.random.default_rng([self.config.train.seed, 2, step])
+            # Random streams of a step: 0-3 the sampler's (order, points, quarter turns, windows), 4 stage-2 points.
+            rng = np.random.default_rng([self.config.train.seed, 5, step])
             global_b = self.config.train.batch_size if rows != slice(None) else b
             idx = np.stack([np.sort(rng.choice(t, k, replace=False)) for _ in range(global_b)])[rows]  # [b, k]
             values = np.take_along_axis(values, idx.reshape(b, k, *([1] * (values.ndim - 2))), axis=1)
             mask = np.take_along_axis(mask, idx.reshape(b, k, *([1] * (mask.ndim - 2))), axis=1)
         return values.reshape((b * k,) + values.shape[2:]), mask.reshape((b * k,) + mask.shape[2:])
+
+    def _stage2_points(self, step: int, num_points: int) -> np.ndarray | slice:
+        """The points of a step's batch that the dynamics stages' loss uses: ``train.stage2_points`` of them drawn at
+        random (a pure function of ``(seed, step)``, like the batch), or all."""
+        k = self.config.train.stage2_points
+        if k is None or k >= num_points:
+            return slice(None)
+        return np.sort(np.random.default_rng([self.config.train.seed, 4, step]).choice(num_points, k, replace=False))
 
     def _optimizer(self, stage):
         tc = self.config.train
@@ -537,9 +551,11 @@ class Trainer:
                         mask = shard(fields_mask)
                     params, opt_state, loss = self.step1(params, opt_state, rest, coords, values, key, mask)
                 else:
-                    values = shard(batch.values[:, :frames2])
+                    points = self._stage2_points(step, batch.coords.shape[0])
+                    coords = self._replicate(self.geometry.coords_from_user(batch.coords[points]))
+                    values = shard(batch.values[:, :frames2, points])
                     if self.has_missing:
-                        mask = shard(batch.mask[:, :frames2])
+                        mask = shard(batch.mask[:, :frames2, points])
                     if stage == "stage2":
                         params, opt_state, loss = self.step2(params, opt_state, rest, frozen, coords, values, times, key, mask)
                     else:
