@@ -4,7 +4,9 @@ Cases (each in its own process, so that peak memory is the case's own). The deco
 model defaults, 531k parameters) unless the case says lean (every switch of enfpde.field off, 79k):
   stage1           Meta-SGD reconstruction train step: 8 trajectories x 10 frames = 80 fields, 512 points,
                    4 latents x 16, width 128, 2 heads, 3 inner steps, second order (8 micro-batches of 10).
-  stage1-16        the released sampling (the paper preset): 8 trajectories x 2 frames = 16 fields, one batch.
+  stage1-16        8 trajectories x 2 frames = 16 fields, one batch, every step on the same 512 points.
+  stage1-draws     the paper preset: stage1-16 on the whole 64 x 64 grid, each inner step fitting its own random 512
+                   points and the loss on a fourth 512 (the released code's draws).
   stage1-first     stage1-16 with first-order inner gradients.
   stage1-subset    stage1-16 with the inner steps on random subsets of 128 of the 512 points.
   stage1-lean      stage1 with the lean decoder.
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-CASES = ("stage1", "stage1-16", "stage1-first", "stage1-subset", "stage1-lean", "stage1-lean-16", "decode", "decode-lean")
+CASES = ("stage1", "stage1-16", "stage1-draws", "stage1-first", "stage1-subset", "stage1-lean", "stage1-lean-16", "decode", "decode-lean")
 
 REFERENCE = {  # REFERENCE.md section 5, the reference implementation on this machine type
     "stage1": {"median_s": 7.6, "peak_gb": 5.8, "compile_s": 42.0},
@@ -43,7 +45,7 @@ REFERENCE = {  # REFERENCE.md section 5, the reference implementation on this ma
 TARGET = {"stage1": {"median_s": 2.5, "peak_gb": 2.0}, "decode": {"median_s": 0.35}}
 
 
-def _build(first_order=False, inner_points=None, lean=False):
+def _build(first_order=False, inner_points=None, lean=False, outer_points=None):
     import jax
     from flax import nnx
 
@@ -55,7 +57,8 @@ def _build(first_order=False, inner_points=None, lean=False):
     field = EquivariantNeuralField(
         torus, num_out=1, latent_dim=16, num_hidden=128, num_heads=2, rngs=nnx.Rngs(0), **(LEAN if lean else {})
     )
-    encoder = MetaSGDEncoder(torus, num_latents=4, latent_dim=16, num_inner_steps=3, first_order=first_order, inner_points=inner_points)
+    encoder = MetaSGDEncoder(torus, num_latents=4, latent_dim=16, num_inner_steps=3, first_order=first_order, inner_points=inner_points,
+                             outer_points=outer_points)
     return jax, torus, NeuralFieldAutoencoder(field, encoder)
 
 
@@ -88,13 +91,16 @@ def run_case(name: str, repeats: int) -> dict:
     from enfpde.training import default_optimizer, make_stage1_step
 
     if name.startswith("stage1"):
+        draws = name == "stage1-draws"
         jax, torus, model = _build(
-            first_order=name == "stage1-first", inner_points=128 if name == "stage1-subset" else None, lean="lean" in name
+            first_order=name == "stage1-first", inner_points={"stage1-subset": 128, "stage1-draws": 512}.get(name),
+            lean="lean" in name, outer_points=512 if draws else None,
         )
         fields = 80 if name in ("stage1", "stage1-lean") else 16
         step, state, _ = make_stage1_step(model, default_optimizer(), num_microbatches=fields // 10 if fields == 80 else 1)
-        coords = torus.sample_coords(jax.random.key(0), 512)
-        values = jax.random.normal(jax.random.key(1), (fields, 512, 1))
+        points = 4096 if draws else 512
+        coords = torus.sample_coords(jax.random.key(0), points)
+        values = jax.random.normal(jax.random.key(1), (fields, points, 1))
         carry = [state.params, state.opt_state, 0]
 
         def one():
