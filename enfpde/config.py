@@ -175,6 +175,9 @@ class TrainConfig:
     # None: all data.horizon. Fewer make each step cheaper and the rollouts shorter; the evaluation's t_in / t_out
     # split stays at data.horizon.
     stage2_frames: Optional[int] = None
+    # With stage2_frames: how many steps of stage 2 train on those frames before the rest of the dynamics stages
+    # train on all data.horizon frames (a short-horizon start); None: stage2_frames for the whole dynamics stages.
+    stage2_frames_steps: Optional[int] = None
     # Points per frame in the dynamics stages' loss: the first stage2_points of the step's random num_points (so
     # a random subset too); None: all num_points. Lets stage 1 draw from the whole grid (the released sampling,
     # model.inner_points / model.outer_points) while the dynamics stages decode only a few hundred points.

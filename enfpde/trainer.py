@@ -314,6 +314,11 @@ class Trainer:
             raise ConfigError(f"train.stage1_frames = {tc.stage1_frames} must be in [1, {horizon}] (data.horizon) or null.")
         if tc.stage2_frames is not None and not 2 <= tc.stage2_frames <= horizon:
             raise ConfigError(f"train.stage2_frames = {tc.stage2_frames} must be in [2, {horizon}] (data.horizon) or null.")
+        if tc.stage2_frames_steps is not None and (tc.stage2_frames is None or tc.stage2_frames_steps < 0):
+            raise ConfigError(
+                f"train.stage2_frames_steps = {tc.stage2_frames_steps} needs train.stage2_frames and must be >= 0 "
+                f"(found stage2_frames = {tc.stage2_frames})."
+            )
         if tc.stage2_points is not None and not 1 <= tc.stage2_points <= self.sampler.num_points:
             raise ConfigError(
                 f"train.stage2_points = {tc.stage2_points} must be in [1, {self.sampler.num_points}] (the points of a step: "
@@ -350,6 +355,16 @@ class Trainer:
             values = np.take_along_axis(values, idx.reshape(b, k, *([1] * (values.ndim - 2))), axis=1)
             mask = np.take_along_axis(mask, idx.reshape(b, k, *([1] * (mask.ndim - 2))), axis=1)
         return values.reshape((b * k,) + values.shape[2:]), mask.reshape((b * k,) + mask.shape[2:])
+
+    def _stage2_frames(self, step: int) -> int:
+        """Frames of each window that the dynamics stages train on at global ``step``: ``train.stage2_frames``
+        (for the first ``train.stage2_frames_steps`` steps of stage 2 when that is set), else ``data.horizon``."""
+        tc = self.config.train
+        if tc.stage2_frames is None:
+            return self.config.data.horizon
+        if tc.stage2_frames_steps is not None and step >= self.schedule.boundaries[0] + tc.stage2_frames_steps:
+            return self.config.data.horizon
+        return tc.stage2_frames
 
     def _stage2_points(self, step: int, num_points: int) -> np.ndarray | slice:
         """The points of a step's batch that the dynamics stages' loss uses: ``train.stage2_points`` of them drawn at
@@ -517,9 +532,8 @@ class Trainer:
             total=end, initial=start, disable=not (self.progress and main), desc="training", unit="step", dynamic_ncols=True
         )
         base_key = jax.random.key(tc.seed)
-        # The dynamics stages train on the first stage2_frames frames of each window.
-        frames2 = tc.stage2_frames or self.config.data.horizon
-        times = self._replicate(self.times[:frames2])
+        # The dynamics stages train on the first stage2_frames frames of each window (for a while: _stage2_frames).
+        times_for = {}  # frames -> their lead times, replicated once
         rows = distributed.process_rows(tc.batch_size)  # this process's trajectories of every batch
         stage, params, rest, frozen, opt_state = None, None, None, None, None
         t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -551,6 +565,10 @@ class Trainer:
                         mask = shard(fields_mask)
                     params, opt_state, loss = self.step1(params, opt_state, rest, coords, values, key, mask)
                 else:
+                    frames2 = self._stage2_frames(step)
+                    if frames2 not in times_for:
+                        times_for[frames2] = self._replicate(self.times[:frames2])
+                    times = times_for[frames2]
                     points = self._stage2_points(step, batch.coords.shape[0])
                     coords = self._replicate(self.geometry.coords_from_user(batch.coords[points]))
                     values = shard(batch.values[:, :frames2, points])

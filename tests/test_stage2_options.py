@@ -30,6 +30,30 @@ def test_the_dynamics_stages_train_on_the_first_stage2_frames(tiny_config, tmp_p
     assert all(times == [0.0, 1.0] for _, times in seen)
 
 
+def test_a_short_horizon_start_then_the_whole_horizon(tiny_config, tmp_path, monkeypatch):
+    """stage2_frames=2 with stage2_frames_steps=1: the first stage-2 step trains on 2 frames, the next on all 4."""
+    from enfpde.trainer import Trainer
+
+    train = dataclasses.replace(
+        tiny_config.train, stage2_frames=2, stage2_frames_steps=1,
+        stage1=dataclasses.replace(tiny_config.train.stage1, epochs=0),
+    )
+    trainer = Trainer(dataclasses.replace(tiny_config, train=train), tmp_path / "run", progress=False)
+    seen = []
+
+    def fake_step2(params, opt_state, rest, frozen, coords, values, times, key, mask):
+        seen.append((values.shape[1], np.asarray(times).tolist()))
+        return params, opt_state, 0.5
+
+    monkeypatch.setattr(trainer, "step2", fake_step2)
+    monkeypatch.setattr(trainer, "_set_context_statistics", lambda step: None)
+    trainer.run(stop_after=3)
+    assert seen == [(2, [0.0, 1.0]), (4, [0.0, 1.0, 2.0, 3.0]), (4, [0.0, 1.0, 2.0, 3.0])]
+    bad = dataclasses.replace(tiny_config.train, stage2_frames_steps=5)
+    with pytest.raises(ConfigError, match="train.stage2_frames_steps = 5 needs train.stage2_frames"):
+        Trainer(dataclasses.replace(tiny_config, train=bad), tmp_path / "bad", progress=False)
+
+
 @pytest.mark.parametrize("frames", [1, 99])
 def test_stage2_frames_outside_the_horizon_are_refused(tiny_config, tmp_path, frames):
     from enfpde.trainer import Trainer
