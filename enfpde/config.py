@@ -92,7 +92,8 @@ class ModelConfig:
     inner_steps: int = 3
     inner_points: Optional[int] = None
     # with inner_points: the inner steps fit disjoint subsets of the step's points and the stage-1 loss is
-    # measured on the points left over (the released code's sampling); see enfpde.encoder.MetaSGDEncoder
+    # measured on the points left over (the released code draws independently instead: outer_points); see
+    # enfpde.encoder.MetaSGDEncoder
     disjoint_subsets: bool = False
     # with inner_points and independent subsets: the stage-1 loss is measured on an independent random draw of
     # this many points (the released code's sampling: 3 inner draws and a fourth for the loss); None: every point
@@ -178,9 +179,9 @@ class TrainConfig:
     # With stage2_frames: how many steps of stage 2 train on those frames before the rest of the dynamics stages
     # train on all data.horizon frames (a short-horizon start); None: stage2_frames for the whole dynamics stages.
     stage2_frames_steps: Optional[int] = None
-    # Points per frame in the dynamics stages' loss: the first stage2_points of the step's random num_points (so
-    # a random subset too); None: all num_points. Lets stage 1 draw from the whole grid (the released sampling,
-    # model.inner_points / model.outer_points) while the dynamics stages decode only a few hundred points.
+    # Points per frame in the dynamics stages' loss: a random draw of stage2_points of the step's num_points (a
+    # pure function of seed and step); None: all num_points. Lets stage 1 draw from the whole grid (the released
+    # sampling, model.inner_points / model.outer_points) while the dynamics stages decode a few hundred points.
     stage2_points: Optional[int] = None
     stage1: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(400, 1e-4))
     stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(1600, 1e-3))

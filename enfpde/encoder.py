@@ -92,8 +92,8 @@ class MetaSGDEncoder(nnx.Module):
         learn_poses: if False the poses stay at the initial arrangement (inner step size 0).
         first_order: stop gradients through the inner gradients (first-order MAML); cheaper, less accurate.
         disjoint_subsets: with ``inner_points``, inner step ``k`` fits points ``k S .. (k+1) S - 1`` of one random
-            order of the points (:meth:`subset_order`), so the steps see disjoint subsets (the released code's
-            sampling); the points after them are left for an outer loss (:func:`enfpde.training.reconstruction_loss`).
+            order of the points (:meth:`subset_order`), so the steps see disjoint subsets; the points after them
+            are left for an outer loss (:func:`enfpde.training.reconstruction_loss`).
             False: an independent random subset per step.
         outer_points: with ``inner_points`` and independent subsets, the stage-1 loss is measured on an independent
             random draw of this many points (:meth:`outer_subset`), as the released code does; ``None``: on every
