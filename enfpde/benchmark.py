@@ -163,11 +163,15 @@ def benchmark_configs(
 ) -> tuple[RunConfig, dict[str, BaselinePreset]]:
     """The ENF config of ``(dataset, preset)`` (its data and eval sections serve every model) and the
     baseline presets of the baselines among ``models``, each with its overrides (see
-    :func:`_split_overrides`)."""
+    :func:`_split_overrides`).
+
+    The ENF trains on the first ``data.horizon`` frames of every training trajectory, as the baselines do, even
+    where its preset takes random windows of longer trajectories (``train.random_windows``; the quick
+    Navier-Stokes preset): every model then learns from the same frames."""
     _check_dataset(dataset, preset)
     models = check_models(models)
     split = _split_overrides(overrides)
-    config = load_config(ENF_PRESETS[dataset, preset], split["enf"])
+    config = load_config(ENF_PRESETS[dataset, preset], ["train.random_windows=false", *split["enf"]])
     baselines = {m: load_baseline_preset(m, dataset, preset, split[m]) for m in models if m in _BASELINES}
     return config, baselines
 

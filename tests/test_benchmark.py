@@ -11,7 +11,7 @@ import enfpde  # noqa: F401  (XLA settings first)
 
 from conftest import TINY_OVERRIDES
 from enfpde.benchmark import MODELS, benchmark_configs, load_baseline_preset, load_model, run_benchmark
-from enfpde.config import REPOSITORY_ROOT, ConfigError
+from enfpde.config import REPOSITORY_ROOT, ConfigError, load_config
 
 BASELINE_OVERRIDES = [
     "fno.model.modes=3", "fno.model.width=8", "fno.model.depth=2", "fno.model.projection_width=16",
@@ -97,6 +97,8 @@ def test_presets_load_and_reject_unknown_keys(tmp_path):
         for preset in ("quick", "paper"):
             config, baselines = benchmark_configs(dataset, preset)
             assert set(baselines) == {"fno", "dino"} and all(b.steps > 0 for b in baselines.values())
+            assert not config.train.random_windows  # the ENF learns from the frames the baselines see
+    assert load_config("quick").train.random_windows  # although its quick preset takes windows
     assert load_baseline_preset("dino", "ns", "paper").model.code_dim == 100  # REFERENCE section 4
     with pytest.raises(ConfigError, match="bogus"):
         load_baseline_preset("fno", "ns", "quick", ["model.bogus=1"])
