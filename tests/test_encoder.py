@@ -226,7 +226,9 @@ def test_meta_training_teaches_the_three_step_fit():
 
     before = float(test_error(state.params, state.rest))
     params, opt_state = state.params, state.opt_state
-    for i in range(200):  # epochs of 32 batches of 16 fields, 128 random points each
+    # 50 steps of 16 fields, 128 random points each: the unseen fields' error is 0.09x its start by then (0.015x
+    # after 200 steps), well inside the bound, so more steps would only cost time.
+    for i in range(50):
         fields = (np.arange(16) + 16 * i) % 512
         points = np.random.default_rng(i).choice(512, 128, replace=False)
         params, opt_state, loss = step(params, opt_state, state.rest, train_coords[points], train_values[fields][:, points], jax.random.key(i))
