@@ -106,6 +106,8 @@ class ModelConfig:
     dynamics_layers: int = 3
     dynamics_frequencies: int = 32
     kernel_radius: Optional[float] = None
+    # each latent's dynamics hear only its k nearest latents (itself included; enfpde.dynamics); None: all of them
+    dynamics_k_nearest: Optional[int] = None
     # Initial value of the learned scale on both velocity read-outs of the dynamics (enfpde.dynamics): small
     # makes the untrained flow near the identity.
     dynamics_output_scale: float = 1e-3

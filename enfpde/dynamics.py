@@ -4,7 +4,10 @@ Given latents ``z = {(p_i, c_i, s_i)}`` the network returns ``dz/dt = (dp/dt, dc
 
 * Edges carry the pose-pose bi-invariant ``a(p_i, p_j)`` (``geometry.pose_bi_invariant``), embedded with
   random Fourier features and an MLP into one kernel per block (a depthwise, PONITA-style convolution:
-  ``m_i = mean_j k_ij * W h_j``). The graph is fully connected, or restricted to a kernel radius.
+  ``m_i = mean_j k_ij * W h_j``). The graph is fully connected, restricted to a kernel radius, or sparse:
+  each latent hears only its ``k_nearest`` nearest latents (itself included), chosen anew at every evaluation
+  by the invariant pose distance. Edge work then scales with ``N k`` instead of ``N^2``: with 64 latents the
+  dense edges are most of a stage-2 step (benchmarks/bench_dynamics.py).
 * Node features start from the (invariant) contexts; blocks are pre-norm residual: LayerNorm, message
   passing, then a pointwise MLP.
 * Context velocities are read out from the invariant node features.
@@ -53,6 +56,8 @@ class EquivariantDynamics(nnx.Module):
         num_frequencies, basis_std: random Fourier basis of the edge bi-invariants.
         kernel_radius: only latents closer than this (geometry distance) exchange messages; ``None`` is
             fully connected.
+        k_nearest: each latent receives messages from its ``k_nearest`` nearest latents only (itself
+            included; the nearest by geometry distance, which the group preserves); ``None`` is every latent.
         output_scale: initial value of the learned scale of both velocity read-outs.
         standardize_contexts: standardise the contexts with fixed statistics (see the module docstring).
         rngs: random streams for the initialisation.
@@ -69,13 +74,16 @@ class EquivariantDynamics(nnx.Module):
         num_frequencies: int = 32,
         basis_std: float = 1.0,
         kernel_radius: float | None = None,
+        k_nearest: int | None = None,
         output_scale: float = 1e-3,
         standardize_contexts: bool = False,
         rngs: nnx.Rngs,
     ):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, found {num_layers}.")
-        self.geometry, self.kernel_radius = geometry, kernel_radius
+        if k_nearest is not None and k_nearest < 1:
+            raise ValueError(f"k_nearest must be a positive integer or None, found {k_nearest}.")
+        self.geometry, self.kernel_radius, self.k_nearest = geometry, kernel_radius, k_nearest
         self.basis = RandomFourierFeatures(geometry.pose_invariant_dim, num_frequencies, basis_std, rngs=rngs)
         self.basis_mlp = nnx.Sequential(
             nnx.Linear(2 * num_frequencies, num_hidden, rngs=rngs), jax.nn.gelu, nnx.Linear(num_hidden, num_hidden, rngs=rngs), jax.nn.gelu
@@ -119,12 +127,26 @@ class EquivariantDynamics(nnx.Module):
         self.context_mean[...] = flat.mean(axis=0)
         self.context_std[...] = jnp.maximum(std, 1e-6 * std.mean() + 1e-12)
 
+    def _neighbours(self, poses: Array) -> tuple[Array, Array | None]:
+        """The poses each latent hears from and their indices: ``[B, N, K, P]`` and ``[B, N, K]`` (None when
+        fully connected, where ``K = N`` and the neighbour poses are ``[B, 1, N, P]``, shared by every row)."""
+        g, n = self.geometry, poses.shape[1]
+        if self.k_nearest is None:
+            return poses[:, None, :], None
+        dist2 = g.squared_distance(poses[:, :, None, : g.coord_dim], poses[:, None, :])  # [B, N, N]
+        # Which latents are heard is a discrete choice: no gradient flows through it.
+        _, index = jax.lax.top_k(-jax.lax.stop_gradient(dist2), min(self.k_nearest, n))  # [B, N, K]
+        return jax.vmap(lambda p, i: p[i])(poses, index), index
+
     def __call__(self, z: Latents) -> Latents:
         """The velocity ``dz/dt`` at ``z`` (batch ``[B]``), as Latents: pose velocities ``[B, N, tangent_dim]``
         (tangent at each pose), context velocities ``[B, N, latent_dim]``, zero width velocities."""
         g = self.geometry
-        p_i, p_j = z.poses[:, :, None], z.poses[:, None, :]  # [B, N, 1, P], [B, 1, N, P]
-        edge = self.basis_mlp(self.basis(g.pose_bi_invariant(p_i, p_j)))  # [B, N, N, hidden]
+        p_i = z.poses[:, :, None]  # [B, N, 1, P]
+        p_j, index = self._neighbours(z.poses)  # [B, N or 1, K, P]; K = N when fully connected
+        # Gather per-latent features [B, N, F] onto the edges [B, N, K, F] (fully connected: [B, 1, N, F]).
+        gather = (lambda x: x[:, None]) if index is None else (lambda x: jax.vmap(lambda x, i: x[i])(x, index))
+        edge = self.basis_mlp(self.basis(g.pose_bi_invariant(p_i, p_j)))  # [B, N, K, hidden]
         if self.kernel_radius is None:
             neighbours = jnp.ones(edge.shape[:3], edge.dtype)
         else:
@@ -137,8 +159,12 @@ class EquivariantDynamics(nnx.Module):
             contexts = (contexts - self.context_mean[...]) / self.context_std[...]
         h = self.embed(contexts)  # [B, N, hidden]
         for kernel, message, norm, mlp in zip(self.kernels, self.messages, self.norms, self.mlps):
-            k = kernel(edge) * neighbours[..., None]  # [B, N, N, hidden]
-            h = h + jnp.einsum("bijf,bjf->bif", k, message(norm(h))) / count
+            k = kernel(edge) * neighbours[..., None]  # [B, N, K, hidden]
+            m = message(norm(h))  # [B, N, hidden]
+            if index is None:
+                h = h + jnp.einsum("bijf,bjf->bif", k, m) / count
+            else:
+                h = h + jnp.einsum("bijf,bijf->bif", k, gather(m)) / count
             h = h + mlp(h)
         h = self.out_norm(h)
 
@@ -146,8 +172,8 @@ class EquivariantDynamics(nnx.Module):
         if self.context_std is not None:  # predicted in standardised units
             context_rate = context_rate * self.context_std[...]
         # Invariant scalar weights on each edge, from the edge embedding and both endpoints' features.
-        w = self.edge_weight(edge * (h[:, :, None] + h[:, None, :]))[..., 0] * neighbours  # [B, N, N]
-        disp = g.relative_displacement(p_i, p_j)  # [B, N, N, T], equivariant
+        w = self.edge_weight(edge * (h[:, :, None] + gather(h)))[..., 0] * neighbours  # [B, N, K]
+        disp = g.relative_displacement(p_i, p_j)  # [B, N, K, T], equivariant
         pose_rate = jnp.einsum("bij,bijt->bit", w, disp) / count
         if self.fixed_weight is not None:
             fixed = g.fixed_directions(z.poses)  # [B, N, K, T]

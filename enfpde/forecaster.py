@@ -154,6 +154,7 @@ def build_modules(
         num_layers=model.dynamics_layers,
         num_frequencies=model.dynamics_frequencies,
         kernel_radius=model.kernel_radius,
+        k_nearest=model.dynamics_k_nearest,
         output_scale=model.dynamics_output_scale,
         standardize_contexts=model.standardize_contexts,
         rngs=rngs,

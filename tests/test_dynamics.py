@@ -38,9 +38,41 @@ def test_velocity_is_equivariant_with_a_kernel_radius(geometry):
     check_velocity_equivariance(geometry, kernel_radius=0.6 * geometry.latent_spacing(N) * 2)
 
 
-def check_velocity_equivariance(geometry, kernel_radius):
+@pytest.mark.parametrize("geometry", [G.Torus(), G.AxialSphere(), G.PlaneSE2()], ids=["torus", "axial", "se2"])
+def test_velocity_is_equivariant_with_k_nearest(geometry):
+    check_velocity_equivariance(geometry, kernel_radius=None, k_nearest=3)
+
+
+def test_k_nearest_hears_the_same_latents_as_a_radius_on_a_grid():
+    """On a regular 4 x 4 grid of poses, each latent's 5 nearest are itself and its 4 axis neighbours, exactly the
+    latents within 1.2 grid spacings: the sparse graph must give the dense model's velocity with that radius."""
+    torus = G.Torus()
+    z = random_latents(torus, jax.random.key(3), batch=2, num_latents=16, latent_dim=D)
+    z = z.replace(poses=jnp.broadcast_to(torus.initial_poses(16), z.poses.shape))
+    radius = 1.2 * torus.latent_spacing(16)
+    dense, sparse = make_dynamics(torus, kernel_radius=radius), make_dynamics(torus, kernel_radius=radius, k_nearest=5)
+    expected, rate = velocity(dense, z), velocity(sparse, z)
+    assert relative_error(rate.contexts, expected.contexts) < 1e-5
+    assert relative_error(rate.poses, expected.poses) < 1e-5
+    # and it is a real restriction: the fully connected model differs
+    assert relative_error(velocity(make_dynamics(torus), z).contexts, expected.contexts) > 1e-2
+
+
+def test_k_nearest_of_every_latent_is_fully_connected():
+    torus = G.Torus()
+    z = random_latents(torus, jax.random.key(4), batch=2, num_latents=N, latent_dim=D)
+    expected, rate = velocity(make_dynamics(torus), z), velocity(make_dynamics(torus, k_nearest=N), z)
+    assert relative_error(rate.contexts, expected.contexts) < 1e-6 and relative_error(rate.poses, expected.poses) < 1e-6
+
+
+def test_k_nearest_must_be_positive():
+    with pytest.raises(ValueError, match="k_nearest must be a positive integer"):
+        make_dynamics(G.Torus(), k_nearest=0)
+
+
+def check_velocity_equivariance(geometry, kernel_radius, k_nearest=None):
     kz, kg = jax.random.split(jax.random.key(0))
-    dynamics = make_dynamics(geometry, kernel_radius=kernel_radius)
+    dynamics = make_dynamics(geometry, kernel_radius=kernel_radius, k_nearest=k_nearest)
     z = random_latents(geometry, kz, batch=2, num_latents=N, latent_dim=D)
     g = geometry.sample_group_element(kg)
     rate = velocity(dynamics, z)
