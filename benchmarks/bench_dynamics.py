@@ -6,6 +6,10 @@ Cases (each in its own process):
              width 128, 2 heads, 4 latents x 16; dynamics width 128, 3 layers.
   forecast   encode the full 64 x 64 initial state (3 Meta-SGD steps on 512 random points each, as the
              reference protocol samples), 20-frame rollout, decode the full grid at every frame, batch 8, one jit.
+  stage2-quick       the stage-2 step of the quick preset (experiments/configs/quick.yaml): 64 latents, lean decoder
+                     of width 64, dynamics width 64 with 2 layers, fully connected; batch 4, 10 frames, 256 points.
+  stage2-quick-knn9  the same with each latent's dynamics hearing only its 9 nearest latents
+                     (model.dynamics_k_nearest=9).
 
 Usage: python benchmarks/bench_dynamics.py [--cases stage2 forecast] [--repeats N]
 """
@@ -14,12 +18,47 @@ from __future__ import annotations
 
 from bench_enf import _build, measure, report
 
-CASES = ("stage2", "forecast")
+CASES = ("stage2", "forecast", "stage2-quick", "stage2-quick-knn9")
 REFERENCE = {"stage2": {"median_s": 2.4, "peak_gb": 2.9, "compile_s": 74.0}, "forecast": {"median_s": 11.7, "peak_gb": 1.1}}
 TARGET = {"stage2": {"median_s": 0.8, "compile_s": 30.0}, "forecast": {"median_s": 4.0}}
 
 
+def _quick_stage2(k_nearest):
+    """The quick preset's stage-2 step (its model config, with ``dynamics_k_nearest`` set) and a timed call."""
+    import dataclasses
+    from pathlib import Path
+
+    import jax
+    import jax.numpy as jnp
+
+    from enfpde.config import load_config
+    from enfpde.forecaster import build_modules
+    from enfpde.geometry import Torus
+    from enfpde.training import default_optimizer, make_stage2_step
+
+    config = load_config(Path(__file__).parents[1] / "experiments" / "configs" / "quick.yaml")
+    model_config = dataclasses.replace(config.model, dynamics_k_nearest=k_nearest)
+    torus = Torus((1.0, 1.0))
+    field, encoder, dynamics = build_modules(model_config, torus, num_channels=1)
+    step, state, frozen, _ = make_stage2_step(field, encoder, dynamics, default_optimizer(1e-3))
+    coords = torus.sample_coords(jax.random.key(0), 256)
+    values = jax.random.normal(jax.random.key(1), (4, 10, 256, 1))
+    times = jnp.arange(10.0)
+    carry = [state.params, state.opt_state, 0]
+
+    def one():
+        params, opt_state, i = carry
+        params, opt_state, loss = step(params, opt_state, state.rest, frozen, coords, values, times, jax.random.key(i))
+        loss.block_until_ready()
+        carry[:] = [params, opt_state, i + 1]
+
+    return one
+
+
 def run_case(name: str, repeats: int) -> dict:
+    if name in ("stage2-quick", "stage2-quick-knn9"):
+        return measure(name, _quick_stage2(9 if name.endswith("knn9") else None), repeats)
+
     import jax.numpy as jnp
     from flax import nnx
 

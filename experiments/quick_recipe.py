@@ -37,6 +37,11 @@ VARIANTS = {
         "batch 4, stage 1 on 2 frames per window (180 steps, lr 1e-3 with warmup and cosine decay), stage 2 on "
         "frames 0-4 for 256 steps and then 0-9 (450 steps, lr 2e-3 with warmup and cosine decay)",
     ),
+    "qs_knn16_900": (
+        ["model.dynamics_k_nearest=16", "train.stage2.epochs=150", "train.stage2_frames_steps=512"],
+        "the same with each latent's dynamics hearing only its 16 nearest latents (about half the cost of a "
+        "stage-2 step) and twice the stage-2 steps: 900, frames 0-4 for the first 512",
+    ),
 }
 
 

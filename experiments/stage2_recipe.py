@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -46,6 +47,8 @@ VARIANTS = {
         {"train.stage2_frames": 5, "train.stage2_frames_steps": 384},
         "frames 0-4 for the first 384 steps, then frames 0-9 (a short-horizon start)",
     ),
+    "knn_9": ({"model.dynamics_k_nearest": 9}, "each latent's dynamics hear only its 9 nearest latents instead of all"),
+    "knn_16": ({"model.dynamics_k_nearest": 16}, "each latent's dynamics hear only its 16 nearest latents instead of all"),
     "points_128": ({"train.num_points": 128}, "128 random points per frame in the loss instead of 256"),
     "frames_5_points_128": (
         {"train.stage2_frames": 5, "train.num_points": 128}, "frames 0-4 and 128 points per frame (both of the above)"
@@ -143,6 +146,8 @@ def main() -> None:
         help="score the test split every this many stage-2 steps (checkpoints kept there; the base run must have "
              "checkpoints at the same steps); 0: no test scores",
     )
+    parser.add_argument("--test-steps", type=int, nargs="+", default=None,
+                        help="score the test split at these stage-2 steps instead of every --test-every")
     parser.add_argument("--name", default="stage2_recipe", help="results go to experiments/results/<name>.{md,json,png}")
     args = parser.parse_args()
 
@@ -151,10 +156,15 @@ def main() -> None:
         raise SystemExit(f"'{args.base}' has {len(base_records)} stage-2 steps logged; {args.steps} are needed for the comparison.")
     boundary = base_records[0]["step"]
     test_steps = list(range(args.test_every, args.steps + 1, args.test_every)) if args.test_every else []
+    if args.test_steps:
+        test_steps = sorted(set(args.test_steps))
+    # Checkpoints are kept at multiples of the global step, so that every test step (counted from the stage-1
+    # end) lands on one: every gcd(stage-1 end, test steps) steps.
+    keep_every = math.gcd(boundary, *test_steps) if test_steps else 10**6
     runs = {"base": (args.base, {}, "the base run's own stage 2", base_records)}
     for name in args.variants:
         overrides, what = VARIANTS[name]
-        records = train_variant(args.base, name, overrides, args.steps, args.test_every or 10**6)
+        records = train_variant(args.base, name, overrides, args.steps, keep_every)
         runs[name] = (args.base.parent / f"{args.base.name}_s2_{name}", overrides, what, records)
     results = {}
     for name, (run_dir, overrides, what, records) in runs.items():
@@ -168,6 +178,7 @@ def main() -> None:
     header = " | ".join(f"steps {i * args.window}-{(i + 1) * args.window - 1}" for i in range(args.steps // args.window))
     command = f"python experiments/stage2_recipe.py {args.base} --variants {' '.join(args.variants)} --steps {args.steps}"
     command += f" --window {args.window}" + (f" --test-every {args.test_every}" if args.test_every else "")
+    command += f" --test-steps {' '.join(map(str, args.test_steps))}" if args.test_steps else ""
     command += "" if args.name == "stage2_recipe" else f" --name {args.name}"
     lines = [
         "# Stage-2 variants from one stage 1",
