@@ -29,20 +29,27 @@ def _quick_stage2(k_nearest):
     from pathlib import Path
 
     import jax
-    import jax.numpy as jnp
 
     from enfpde.config import load_config
     from enfpde.forecaster import build_modules
     from enfpde.geometry import Torus
-    from enfpde.training import default_optimizer, make_stage2_step
 
     config = load_config(Path(__file__).parents[1] / "experiments" / "configs" / "quick.yaml")
     model_config = dataclasses.replace(config.model, dynamics_k_nearest=k_nearest)
     torus = Torus((1.0, 1.0))
     field, encoder, dynamics = build_modules(model_config, torus, num_channels=1)
+    return _stage2_call(field, encoder, dynamics, torus.sample_coords(jax.random.key(0), 256), batch=4)
+
+
+def _stage2_call(field, encoder, dynamics, coords, batch):
+    """One timed stage-2 train step (10 frames of random values at ``coords``, batch ``batch``) per call."""
+    import jax
+    import jax.numpy as jnp
+
+    from enfpde.training import default_optimizer, make_stage2_step
+
     step, state, frozen, _ = make_stage2_step(field, encoder, dynamics, default_optimizer(1e-3))
-    coords = torus.sample_coords(jax.random.key(0), 256)
-    values = jax.random.normal(jax.random.key(1), (4, 10, 256, 1))
+    values = jax.random.normal(jax.random.key(1), (batch, 10, coords.shape[0], 1))
     times = jnp.arange(10.0)
     carry = [state.params, state.opt_state, 0]
 
@@ -64,22 +71,12 @@ def run_case(name: str, repeats: int) -> dict:
 
     from enfpde.dynamics import EquivariantDynamics
     from enfpde.forecaster import forecast_fields
-    from enfpde.training import default_optimizer, make_stage2_step
 
     jax, torus, model = _build()
     dynamics = EquivariantDynamics(torus, latent_dim=16, num_hidden=128, num_layers=3, rngs=nnx.Rngs(1))
     coords = torus.sample_coords(jax.random.key(0), 512)
     if name == "stage2":
-        step, state, frozen, _ = make_stage2_step(model.field, model.encoder, dynamics, default_optimizer(1e-3))
-        values = jax.random.normal(jax.random.key(1), (8, 10, 512, 1))
-        times = jnp.arange(10.0)
-        carry = [state.params, state.opt_state, 0]
-
-        def one():
-            params, opt_state, i = carry
-            params, opt_state, loss = step(params, opt_state, state.rest, frozen, coords, values, times, jax.random.key(i))
-            loss.block_until_ready()
-            carry[:] = [params, opt_state, i + 1]
+        one = _stage2_call(model.field, model.encoder, dynamics, coords, batch=8)
 
     elif name == "forecast":
         model.encoder.inner_points = 512
