@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distributed_arguments(p)
     p.set_defaults(func=_cmd_forecast)
 
-    p = sub.add_parser("quickstart", help="generate small Navier-Stokes data, train, evaluate, forecast (about 9 min on 2 CPU cores)")
+    p = sub.add_parser("quickstart", help="generate small Navier-Stokes data, train, evaluate, forecast (minutes on 2 CPU cores)")
     p.add_argument("--workdir", default=".", help="where data/ and runs/ go (default: here)")
     p.add_argument("--overwrite", action="store_true", help="redo everything, replacing earlier quickstart output")
     p.set_defaults(func=_cmd_quickstart)

@@ -391,7 +391,7 @@ def _latest_step(run_dir: Path) -> int | None:
 
 def quickstart(workdir: Path = Path("."), *, overwrite: bool = False, progress: bool = True) -> Path:
     """Generate a small Navier-Stokes dataset, train the ``quick`` preset, evaluate it against persistence,
-    and write a forecast netCDF (2x resolution, frames every 0.25) and figures. About 9 minutes on 2 cores.
+    and write a forecast netCDF (2x resolution, frames every 0.25) and figures (README: measured times).
 
     Returns the run directory.
     """

@@ -32,15 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # descriptions; they are reported, not rerun.
 VARIANTS = {
     "qs_windows_curriculum": (
-        [],
-        "the quick preset now: 24 fifty-frame training trajectories, random 10-frame windows and quarter turns, "
-        "batch 4, stage 1 on 2 frames per window (180 steps, lr 1e-3 with warmup and cosine decay), stage 2 on "
-        "frames 0-4 for 256 steps and then 0-9 (450 steps, lr 2e-3 with warmup and cosine decay)",
+        ["model.dynamics_k_nearest=null", "train.stage2.epochs=75", "train.stage2_frames_steps=256"],
+        "the quick preset of commit 4bc2701 and before: 24 fifty-frame training trajectories, random 10-frame "
+        "windows and quarter turns, batch 4, stage 1 on 2 frames per window (180 steps, lr 1e-3 with warmup and "
+        "cosine decay), stage 2 on all 64 latents, frames 0-4 for 256 steps and then 0-9 (450 steps, lr 2e-3 with "
+        "warmup and cosine decay)",
     ),
     "qs_knn16_900": (
-        ["model.dynamics_k_nearest=16", "train.stage2.epochs=150", "train.stage2_frames_steps=512"],
-        "the same with each latent's dynamics hearing only its 16 nearest latents (about half the cost of a "
-        "stage-2 step) and twice the stage-2 steps: 900, frames 0-4 for the first 512",
+        [],
+        "the quick preset now: the same with each latent's dynamics hearing only its 16 nearest latents (about "
+        "half the cost of a stage-2 step) and twice the stage-2 steps: 900, frames 0-4 for the first 512",
     ),
 }
 
@@ -153,13 +154,20 @@ training loss falls as slowly as the raw run's and the test errors stay where th
 mean: frame 1 is no better than persistence. Learning the advection itself needs more steps and data than
 a few minutes give (the `cpu` preset, experiments/results/navier_stokes_cpu.md, has more of both).
 
-`qs_windows_curriculum` is the quick preset now, chosen to fit the quickstart into 10 minutes (it took 8.8 min in
-all, against 12.7): fewer, longer training trajectories cost half the generation time (every trajectory pays 28.5
-time units of burn-in) and give as many random 10-frame windows; stage 1 fits 2 frames per window (8 fields per
-step, 0.47 s); stage 2 starts on 5 frames (experiments/results/stage2_frames.md). Its test t_in is a little
-better than the previous preset's (0.426 against 0.470) and its t_out worse (0.922 against 0.816): 450 stage-2
-steps end where the base run's stage-2 loss is still in its slow first phase. The train and test errors agree
-(train windows 0.405), so more steps, not more data, is what it lacks.
+`qs_windows_curriculum` was the quick preset until commit 4bc2701, chosen to fit the quickstart into 10 minutes
+(it took 8.8 min in all on 2026-12-02, against 12.7): fewer, longer training trajectories cost half the
+generation time (every trajectory pays 28.5 time units of burn-in) and give as many random 10-frame windows;
+stage 1 fits 2 frames per window (8 fields per step, 0.47 s); stage 2 starts on 5 frames
+(experiments/results/stage2_frames.md). Its test t_in is a little better than the previous preset's (0.426
+against 0.470) and its t_out worse (0.922 against 0.816): 450 stage-2 steps end where the base run's stage-2
+loss is still in its slow first phase. The train and test errors agree (train windows 0.405), so more steps, not
+more data, is what it lacks.
+
+`qs_knn16_900` is the quick preset now: with each latent's dynamics hearing its 16 nearest latents a stage-2 step
+costs about half as much (experiments/results/stage2_knn.md), and twice the steps cost 1.16x the old stage 2
+(8.1 against 7.0 machine minutes, measured the same day). Test t_in / t_out 0.271 / 0.778 (0.40x / 0.64x
+persistence), train 0.224 / 0.818. The whole quickstart took 20.1 min on 2026-12-03, a day on which the machine
+ran 2.0x to 2.9x slower than on 2026-12-02 (benchmarks/bench_enf.py); it has not been timed on a faster day.
 
 ![stage-2 loss](quick_recipe.png)
 """
