@@ -80,12 +80,12 @@ def assert_same_run(run_dir, reference):
 @pytest.fixture(scope="module")
 def preset(tiny_config, tmp_path_factory):
     # 4 stage-1 and 6 stage-2 steps, a checkpoint every 2: room to die between checkpoints. `enfpde evaluate`
-    # scores the test split only (the test reads its report; the train split would compile the forecast for
-    # another number of trajectories in every process, through the same code).
+    # scores the test split only, in two settings (the test reads its report; the train split, more sparse
+    # fractions and the shifted grid would compile more forecasts in every process, through the same code).
     config = dataclasses.replace(
         tiny_config,
         train=dataclasses.replace(tiny_config.train, stage2=dataclasses.replace(tiny_config.train.stage2, epochs=3)),
-        eval=dataclasses.replace(tiny_config.eval, train_split=False),
+        eval=dataclasses.replace(tiny_config.eval, train_split=False, sparse_fractions=[0.5], shift=False),
     )
     path = tmp_path_factory.mktemp("distributed") / "tiny.yaml"
     path.write_text(to_yaml(config))
