@@ -208,6 +208,7 @@ def test_second_order_gradients_differ_from_first_order(gradients):
     assert relative_error(first, second) > 1e-3
 
 
+@pytest.mark.usefixtures("xla_optimizations")  # 50 train steps: running, not compiling, is its cost
 def test_meta_training_teaches_the_three_step_fit():
     """After a short meta-training on random smooth fields, the 3-step fit of unseen fields is clearly
     better than before meta-training."""
