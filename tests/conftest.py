@@ -41,13 +41,9 @@ def _join_group(item, group):
     where its loadgroup scheduler looks for it. pytest-xdist 3.8 writes ``item._nodeid``, which pytest 9 no longer
     reads (the id lives in ``item._id``): under pytest 9 its marks group nothing, and every module fixture was
     built on both workers."""
-    suffixed = f"{item.nodeid}@{group}"
-    if hasattr(item, "_id"):
-        from _pytest.nodeid import coerce_node_id
+    from _pytest.nodeid import coerce_node_id  # pytest >= 9.2 (pyproject.toml)
 
-        item._id = coerce_node_id(suffixed)
-    else:
-        item._nodeid = suffixed
+    item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture(params=list(GEOMETRIES), ids=list(GEOMETRIES))
