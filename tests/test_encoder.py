@@ -264,7 +264,7 @@ def test_gradients_in_point_chunks_fit_the_same_latents():
     """The Forecaster's memory-bounded fit (inner gradients summed over chunks of points) equals the one-piece
     fit, with a mask and a number of points that is not a multiple of the chunk."""
     model = small_model(field_kwargs={**LEAN, "chunk_size": None})
-    field, encoder = model.field, model.encoder
+    encoder = model.encoder
     coords = TORUS.sample_coords(jax.random.key(1), 203)
     values = smooth_fields(jax.random.key(2), 3, coords)
     mask = jax.random.uniform(jax.random.key(3), (3, 203)) > 0.3
