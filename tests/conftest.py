@@ -160,8 +160,8 @@ def initial(tiny_data):
 @pytest.fixture
 def xla_optimizations():
     """XLA's optimisations back on for one test, for the few whose time is spent running compiled code rather than
-    compiling it (the suite turns most of them off above): the meta-training test took 134 s with them, 167 s
-    without."""
+    compiling it (the suite turns most of them off above): the meta-training test, on the released decoder then,
+    took 134 s with them, 167 s without; on the lean decoder 49 s with them, 67 s without (CPU time)."""
     import jax
 
     before = jax.config.read("jax_disable_most_optimizations")
