@@ -80,7 +80,9 @@ def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite:
         )
     header += ["", f"![training loss]({name}/training_loss.png)", ""]
     figures = [f"![{f[:-4]}]({name}/{f})" for f in FIGURES if (out_dir / f).exists()]
-    out_md.write_text("\n".join(header) + "\n" + report.read_text() + "\n" + "\n".join(figures) + "\n")
+    # The report's own image links point into the run's eval/ folder; the published figures are linked below.
+    body = "\n".join(line for line in report.read_text().splitlines() if not line.startswith("!["))
+    out_md.write_text("\n".join(header) + "\n" + body + "\n\n" + "\n".join(figures) + "\n")
     for split in ("test", "train"):
         metrics = run_dir / "eval" / split / "metrics.json"
         if metrics.exists():
