@@ -34,6 +34,9 @@ from enfpde.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
 
+# The quick preset's stage 2 (experiments/configs/quick.yaml) as overrides of a base run made before it.
+QUICK_STAGE2 = {"model.dynamics_k_nearest": 16, "train.stage2.epochs": 150, "train.stage2_frames": 5, "train.stage2_frames_steps": 512}
+
 # variant -> (overrides, what it changes)
 VARIANTS = {
     "scale_0.1": ({"model.dynamics_output_scale": 0.1}, "learned velocity scale starts at 0.1 instead of 1e-3"),
@@ -50,19 +53,8 @@ VARIANTS = {
     "knn_9": ({"model.dynamics_k_nearest": 9}, "each latent's dynamics hear only its 9 nearest latents instead of all"),
     "knn_16": ({"model.dynamics_k_nearest": 16}, "each latent's dynamics hear only its 16 nearest latents instead of all"),
     "points_128": ({"train.num_points": 128}, "128 random points per frame in the loss instead of 256"),
-    "quick_900": (
-        {"model.dynamics_k_nearest": 16, "train.stage2.epochs": 150, "train.stage2_frames": 5, "train.stage2_frames_steps": 512},
-        "the quick preset's stage 2: 16 nearest latents, 900 steps, frames 0-4 for the first 512",
-    ),
-    "quick_900_frames_3": (
-        {"model.dynamics_k_nearest": 16, "train.stage2.epochs": 150, "train.stage2_frames": 3, "train.stage2_frames_steps": 512},
-        "the same with frames 0-2 (2 Euler steps) for the first 512 steps",
-    ),
-    "quick_900_lr_5e-3": (
-        {"model.dynamics_k_nearest": 16, "train.stage2.epochs": 150, "train.stage2_frames": 5, "train.stage2_frames_steps": 512,
-         "train.stage2.learning_rate": 5e-3},
-        "the quick preset's stage 2 at peak learning rate 5e-3 instead of 2e-3",
-    ),
+    "quick_900": (QUICK_STAGE2, "the quick preset's stage 2: 16 nearest latents, 900 steps, frames 0-4 for the first 512"),
+    "quick_900_frames_3": ({**QUICK_STAGE2, "train.stage2_frames": 3}, "the same with frames 0-2 (2 Euler steps) for the first 512 steps"),
     "frames_5_points_128": (
         {"train.stage2_frames": 5, "train.num_points": 128}, "frames 0-4 and 128 points per frame (both of the above)"
     ),
