@@ -296,9 +296,10 @@ class EquivariantNeuralField(nnx.Module):
         if self.k_nearest is not None:
             # Keep the k latents with the largest window term (nearest in units of their width), per point.
             _, idx = jax.lax.top_k(-self.geometry.squared_distance(x, poses) / widths**2, min(self.k_nearest, N))
-            take = lambda t: jnp.take_along_axis(  # [B, 1|M, N, ...] -> [B, M, k, ...]
-                jnp.broadcast_to(t, (B, M) + t.shape[2:]), idx.reshape(idx.shape + (1,) * (t.ndim - 3)), axis=2
-            )
+            # Index each per-latent array [B, 1, N, ...] by idx [B, M, k] -> [B, M, k, ...] without broadcasting it
+            # over the points first: the gradient is then a scatter-add into [B, N, ...], not into a [B, M, N, ...]
+            # copy (which made the backward pass of a stage-2 step about 4x its forward).
+            take = lambda t: jax.vmap(lambda per_latent, i: per_latent[i])(t[:, 0], idx)
             poses, widths, key_bias, values = take(poses), take(widths), take(key_bias), take(values)
             key_dirs = take(key_dirs[:, None])  # [B, M, k, E, H]
         K = poses.shape[2]
