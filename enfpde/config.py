@@ -114,6 +114,8 @@ class ModelConfig:
     # The dynamics see contexts standardised by statistics of the fitted training latents (enfpde.dynamics);
     # runs saved before this switch existed are read with it off.
     standardize_contexts: bool = True
+    # false: the dynamics evolve the contexts only and every latent keeps the pose Meta-SGD fitted (enfpde.dynamics)
+    dynamics_move_poses: bool = True
     solver: str = "euler"
     dt0: float = 1.0
     # Data time units per model time unit: the dynamics see t / time_unit, and dt0 is in model time. Set it

@@ -60,6 +60,9 @@ class EquivariantDynamics(nnx.Module):
             included; the nearest by geometry distance, which the group preserves); ``None`` is every latent.
         output_scale: initial value of the learned scale of both velocity read-outs.
         standardize_contexts: standardise the contexts with fixed statistics (see the module docstring).
+        move_poses: ``False``: only the contexts evolve; every latent keeps the pose it was fitted at (pose
+            velocities are zero, and :func:`enfpde.rollout.rollout` integrates the contexts alone). Still
+            equivariant: the poses of ``g z`` are ``g p`` at every time and the context rates are invariant.
         rngs: random streams for the initialisation.
     """
 
@@ -77,6 +80,7 @@ class EquivariantDynamics(nnx.Module):
         k_nearest: int | None = None,
         output_scale: float = 1e-3,
         standardize_contexts: bool = False,
+        move_poses: bool = True,
         rngs: nnx.Rngs,
     ):
         if num_layers < 1:
@@ -84,6 +88,7 @@ class EquivariantDynamics(nnx.Module):
         if k_nearest is not None and k_nearest < 1:
             raise ValueError(f"k_nearest must be a positive integer or None, found {k_nearest}.")
         self.geometry, self.kernel_radius, self.k_nearest = geometry, kernel_radius, k_nearest
+        self.move_poses = move_poses
         self.basis = RandomFourierFeatures(geometry.pose_invariant_dim, num_frequencies, basis_std, rngs=rngs)
         self.basis_mlp = nnx.Sequential(
             nnx.Linear(2 * num_frequencies, num_hidden, rngs=rngs), jax.nn.gelu, nnx.Linear(num_hidden, num_hidden, rngs=rngs), jax.nn.gelu
@@ -171,6 +176,8 @@ class EquivariantDynamics(nnx.Module):
         context_rate = self.context_scale[...] * self.context_out(h)
         if self.context_std is not None:  # predicted in standardised units
             context_rate = context_rate * self.context_std[...]
+        if not self.move_poses:
+            return Latents(jnp.zeros(z.poses.shape[:-1] + (g.tangent_dim,), z.poses.dtype), context_rate, jnp.zeros_like(z.widths))
         # Invariant scalar weights on each edge, from the edge embedding and both endpoints' features.
         w = self.edge_weight(edge * (h[:, :, None] + gather(h)))[..., 0] * neighbours  # [B, N, K]
         disp = g.relative_displacement(p_i, p_j)  # [B, N, K, T], equivariant

@@ -157,6 +157,7 @@ def build_modules(
         k_nearest=model.dynamics_k_nearest,
         output_scale=model.dynamics_output_scale,
         standardize_contexts=model.standardize_contexts,
+        move_poses=model.dynamics_move_poses,
         rngs=rngs,
     )
     return field, encoder, dynamics

@@ -1,6 +1,7 @@
 """Continuous-time rollout of the latents: ``z(t) = z(t0) + int_t0^t F(z) dt`` with diffrax.
 
-The ODE state is ``(poses, contexts)``; widths are constant. Poses are integrated in the geometry's ambient
+The ODE state is ``(poses, contexts)`` (the contexts alone for dynamics that keep the poses fixed); widths are
+constant. Poses are integrated in the geometry's ambient
 coordinates: the vector field sees them projected onto the domain (``geometry.project``) and returns tangent
 velocities, and every saved state is projected again (wrapped on the torus, normalised on the sphere).
 
@@ -79,11 +80,14 @@ def rollout(
     geometry = dynamics.geometry
     graphdef, state = nnx.split(dynamics)
     widths = z0.widths
+    # Dynamics that keep every pose where it was fitted (move_poses=False) integrate the contexts alone: no pose
+    # state to carry, and no gradient through the poses, which is most of the decoder's backward pass.
+    fixed_poses = geometry.project(z0.poses) if not getattr(dynamics, "move_poses", True) else None
 
     def vector_field(t, y, state):
-        poses, contexts = y
+        poses, contexts = (fixed_poses, y) if fixed_poses is not None else y
         rate = nnx.merge(graphdef, state)(Latents(geometry.project(poses), contexts, widths))
-        return rate.poses, rate.contexts
+        return rate.contexts if fixed_poses is not None else (rate.poses, rate.contexts)
 
     solution = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
@@ -91,12 +95,15 @@ def rollout(
         t0=t0,
         t1=times[-1],
         dt0=dt0,
-        y0=(z0.poses, z0.contexts),
+        y0=z0.contexts if fixed_poses is not None else (z0.poses, z0.contexts),
         args=state,
         saveat=diffrax.SaveAt(ts=times),
         stepsize_controller=stepsize_controller or diffrax.ConstantStepSize(),
         adjoint=adjoint or diffrax.RecursiveCheckpointAdjoint(),
         max_steps=max_steps,
     )
-    poses, contexts = solution.ys
+    if fixed_poses is not None:
+        poses, contexts = jnp.broadcast_to(fixed_poses, (times.shape[0],) + fixed_poses.shape), solution.ys
+    else:
+        poses, contexts = solution.ys
     return Latents(geometry.project(poses), contexts, jnp.broadcast_to(widths, (times.shape[0],) + widths.shape))

@@ -55,12 +55,24 @@ VARIANTS = {
     "points_128": ({"train.num_points": 128}, "128 random points per frame in the loss instead of 256"),
     "quick_900": (QUICK_STAGE2, "the quick preset's stage 2: 16 nearest latents, 900 steps, frames 0-4 for the first 512"),
     "quick_900_frames_3": ({**QUICK_STAGE2, "train.stage2_frames": 3}, "the same with frames 0-2 (2 Euler steps) for the first 512 steps"),
+    "quick_900_frames_3_points_128": (
+        {**QUICK_STAGE2, "train.stage2_frames": 3, "train.stage2_points": 128},
+        "frames 0-2 for the first 512 steps, and 128 of the 256 points of each frame (encoder and loss)",
+    ),
+    "quick_900_frames_3_for_700": (
+        {**QUICK_STAGE2, "train.stage2_frames": 3, "train.stage2_frames_steps": 700},
+        "frames 0-2 for the first 700 steps, then 0-9",
+    ),
+    "quick_900_frames_3_fixed_poses": (
+        {**QUICK_STAGE2, "train.stage2_frames": 3, "model.dynamics_move_poses": False},
+        "frames 0-2 for the first 512 steps; the dynamics evolve the contexts only, every pose stays where it was fitted",
+    ),
     "frames_5_points_128": (
         {"train.stage2_frames": 5, "train.num_points": 128}, "frames 0-4 and 128 points per frame (both of the above)"
     ),
 }
 ALLOWED_PREFIXES = ("model.dynamics_", "model.solver", "model.dt0", "model.kernel_radius", "train.stage2.", "train.stage2_frames",
-                    "train.num_points")
+                    "train.num_points", "train.stage2_points")
 
 
 def stage1_end(config) -> int:
