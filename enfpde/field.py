@@ -59,6 +59,13 @@ class FourierFrequencies(nnx.Variable):
     """Fixed random frequencies of a Fourier-feature embedding: saved with the model, never trained."""
 
 
+def _take(per_latent: Array, idx: Array) -> Array:
+    """``per_latent [B, 1, N, ...]`` at each point's latents ``idx [B, M, k]`` -> ``[B, M, k, ...]``. Indexing the
+    per-latent array directly (not a copy broadcast over the points) makes the gradient a scatter-add into
+    ``[B, N, ...]`` instead of ``[B, M, N, ...]``, which was most of a stage-2 step's backward pass."""
+    return jax.vmap(lambda values, i: values[i])(per_latent[:, 0], idx)
+
+
 class RandomFourierFeatures(nnx.Module):
     """``a -> [sin(2 pi a B), cos(2 pi a B)]`` with fixed ``B ~ N(0, std^2)`` of shape ``[in_dim, F]``.
 
@@ -278,13 +285,48 @@ class EquivariantNeuralField(nnx.Module):
         row-major GEMMs or fused broadcast-reduces, so no broadcast copy of per-latent keys over the points is
         ever materialised.
         """
-        H, dh, E = self.num_heads, self.head_dim, self.num_hidden
-        B, N = z.poses.shape[:2]
-        M = coords.shape[1]
+        return self._attend(self._pairs(coords, z.poses, z.widths), z.contexts)
+
+    def _pairs(self, coords: Array, poses: Array, widths: Array) -> dict:
+        """Everything of a decoding that depends on the query points and the latents' poses and widths only:
+        which latents each point attends to (``idx [B, M, k]`` or None for all), the window term
+        ``[B, M, K]``, the query embedding's activation ``[B, M, K, E]`` and the value modulation's pair terms.
+        Computed once, it serves every frame whose latents share these poses (:meth:`decode_frames`)."""
+        B, N = poses.shape[:2]
         x = coords[:, :, None]  # [B|1, M, 1, D]
-        poses = z.poses[:, None]  # [B, 1, N, P]
-        widths = z.widths[:, None]  # [B, 1, N]
-        u = self._contexts(z.contexts)
+        poses, widths = poses[:, None], widths[:, None]  # [B, 1, N, P], [B, 1, N]
+        idx = None
+        if self.k_nearest is not None:
+            # Keep the k latents with the largest window term (nearest in units of their width), per point.
+            _, idx = jax.lax.top_k(-self.geometry.squared_distance(x, poses) / widths**2, min(self.k_nearest, N))
+            poses, widths = _take(poses, idx), _take(widths, idx)
+        a = self.geometry.bi_invariant(x, poses)  # [B, M, K, A]
+        pairs = {
+            "idx": idx,
+            "window": -self.geometry.squared_distance(x, poses) / widths**2,  # [B, M, K]
+            "h_q": self.query_embedding.hidden_activation(a),  # [B, M, K, E]
+        }
+        e_v = self.value_embedding(a)  # [B, M, K, E]
+        if self.mixer is not None:
+            pairs["gamma"], pairs["beta"] = jnp.split(self.modulation(e_v), 2, axis=-1)
+        else:
+            # beta = W_beta u + b_beta is linear in u, the input of the modulation's last layer: apply W_beta
+            # to the attention-weighted u of each head (exact), once per query instead of once per pair.
+            last = self.modulation.outer if isinstance(self.modulation, PointwiseFFN) else self.modulation
+            u_mod = self.modulation.hidden(e_v) if isinstance(self.modulation, PointwiseFFN) else e_v
+            w_gamma = jnp.split(last.kernel[...], 2, axis=1)[0]
+            pairs["gamma"] = u_mod @ w_gamma + jnp.split(last.bias[...], 2)[0]
+            pairs["u_mod"] = u_mod
+        return pairs
+
+    def _attend(self, pairs: dict, contexts: Array) -> Array:
+        """The context-dependent rest of a decoding: ``pairs`` of :meth:`_pairs`, ``contexts [B, N, L]`` ->
+        ``[B, M, C]``."""
+        H, dh, E = self.num_heads, self.head_dim, self.num_hidden
+        B, N = contexts.shape[:2]
+        idx, h_q = pairs["idx"], pairs["h_q"]
+        M, K = h_q.shape[1:3]
+        u = self._contexts(contexts)
         keys = self.key(u).reshape(B, N, H, dh)
         values = self.value(u)[:, None]  # [B, 1, N, H*dh]
 
@@ -292,50 +334,58 @@ class EquivariantNeuralField(nnx.Module):
         w_q, b_q = self._query_weights()
         key_dirs = jnp.einsum("ehd,bnhd->bneh", w_q.reshape(E, H, dh), keys) / math.sqrt(dh)  # [B, N, E, H]
         key_bias = jnp.einsum("hd,bnhd->bnh", b_q.reshape(H, dh), keys)[:, None] / math.sqrt(dh)  # [B, 1, N, H]
-
-        if self.k_nearest is not None:
-            # Keep the k latents with the largest window term (nearest in units of their width), per point.
-            _, idx = jax.lax.top_k(-self.geometry.squared_distance(x, poses) / widths**2, min(self.k_nearest, N))
-            # Index each per-latent array [B, 1, N, ...] by idx [B, M, k] -> [B, M, k, ...] without broadcasting it
-            # over the points first: the gradient is then a scatter-add into [B, N, ...], not into a [B, M, N, ...]
-            # copy (which made the backward pass of a stage-2 step about 4x its forward).
-            take = lambda t: jax.vmap(lambda per_latent, i: per_latent[i])(t[:, 0], idx)
-            poses, widths, key_bias, values = take(poses), take(widths), take(key_bias), take(values)
-            key_dirs = take(key_dirs[:, None])  # [B, M, k, E, H]
-        K = poses.shape[2]
-
-        a = self.geometry.bi_invariant(x, poses)  # [B, M, K, A]
-        window = -self.geometry.squared_distance(x, poses) / widths**2  # [B, M, K]
-        h_q = self.query_embedding.hidden_activation(a)  # [B, M, K, E]
-        if key_dirs.ndim == 4:
+        if idx is not None:
+            key_bias, values = _take(key_bias, idx), _take(values, idx)
+            key_dirs = _take(key_dirs[:, None], idx)  # [B, M, k, E, H]
+            logits = jnp.sum(h_q[..., None] * key_dirs, axis=-2)
+        else:
             # One GEMM per field against every latent's key directions, then keep each pair's own latent:
             # K times the (small) flops of the pairwise product, but no broadcast copy of the keys.
             all_logits = jnp.matmul(h_q.reshape(B, M * K, E), key_dirs.swapaxes(1, 2).reshape(B, E, N * H))
             own = jnp.eye(K, dtype=h_q.dtype)[:, :, None]  # [K, K, 1]
             logits = jnp.sum(all_logits.reshape(B, M, K, K, H) * own, axis=3)
-        else:
-            logits = jnp.sum(h_q[..., None] * key_dirs, axis=-2)
-        logits = logits + key_bias + window[..., None]  # [B, M, K, H]
+        logits = logits + key_bias + pairs["window"][..., None]  # [B, M, K, H]
         att = jax.nn.softmax(logits, axis=2)  # over latents
 
-        e_v = self.value_embedding(a)  # [B, M, K, E]
         if self.mixer is not None:
-            gamma, beta = jnp.split(self.modulation(e_v), 2, axis=-1)
-            modulated = (values * (1.0 + gamma) + beta).reshape(B, M, K, H, dh)
+            modulated = (values * (1.0 + pairs["gamma"]) + pairs["beta"]).reshape(B, M, K, H, dh)
             y = jnp.sum(att[..., None] * self.mixer(modulated), axis=2)  # [B, M, H, dh]
         else:
-            # beta = W_beta u + b_beta is linear in u, the input of the modulation's last layer: apply W_beta
-            # to the attention-weighted u of each head (exact), once per query instead of once per pair.
             last = self.modulation.outer if isinstance(self.modulation, PointwiseFFN) else self.modulation
-            u_mod = self.modulation.hidden(e_v) if isinstance(self.modulation, PointwiseFFN) else e_v
-            w_gamma, w_beta = jnp.split(last.kernel[...], 2, axis=1)
-            b_gamma, b_beta = jnp.split(last.bias[...], 2)
-            gamma = u_mod @ w_gamma + b_gamma
-            modulated = (values * (1.0 + gamma)).reshape(B, M, K, H, dh)
+            w_beta = jnp.split(last.kernel[...], 2, axis=1)[1]
+            b_beta = jnp.split(last.bias[...], 2)[1]
+            modulated = (values * (1.0 + pairs["gamma"])).reshape(B, M, K, H, dh)
             y = jnp.sum(att[..., None] * modulated, axis=2)  # [B, M, H, dh]
-            u_per_head = jnp.sum(att[..., None] * u_mod[:, :, :, None, :], axis=2)  # [B, M, H, E]
+            u_per_head = jnp.sum(att[..., None] * pairs["u_mod"][:, :, :, None, :], axis=2)  # [B, M, H, E]
             y = y + jnp.einsum("bmhe,ehd->bmhd", u_per_head, w_beta.reshape(E, H, dh)) + b_beta.reshape(H, dh)
         return self._head(y.reshape(B, M, H * dh))
+
+    def decode_frames(self, coords: Array, zs: Latents) -> Array:
+        """Decode frames whose latents all have the poses and widths of the first (dynamics that keep the poses,
+        ``move_poses=False``): ``coords [M, D] | [B, M, D]``, ``zs`` with batch ``[T, B]`` -> ``[T, B, M, C]``.
+
+        The pose-dependent part of the decoding (nearest latents, bi-invariant embeddings: most of its work) is
+        computed once per chunk of points and shared by the T frames; the result equals decoding each frame.
+        """
+        first = Latents(zs.poses[0], zs.contexts[0], zs.widths[0])
+        self._check_shapes(coords, first)
+        if coords.ndim == 2:
+            coords = coords[None]
+        num_points = coords.shape[1]
+
+        def frames(c):  # [B|1, m, D] -> [T, B, m, C]
+            pairs = self._pairs(c, first.poses, first.widths)
+            return jax.lax.map(lambda contexts: self._attend(pairs, contexts), zs.contexts)
+
+        if self.chunk_size is None or num_points <= self.chunk_size:
+            return frames(coords)
+        num_chunks = -(-num_points // self.chunk_size)
+        pad = num_chunks * self.chunk_size - num_points
+        padded = jnp.pad(coords, ((0, 0), (0, pad), (0, 0)), mode="edge")
+        chunks = padded.reshape(coords.shape[0], num_chunks, self.chunk_size, -1).swapaxes(0, 1)
+        out = jax.lax.map(frames, chunks)  # [chunks, T, B, chunk, C]
+        out = jnp.moveaxis(out, 0, 2).reshape(out.shape[1], out.shape[2], num_chunks * self.chunk_size, self.num_out)
+        return out[:, :, :num_points]
 
     def decode_reference(self, coords: Array, z: Latents) -> Array:
         """The same field computed literally as in the module docstring (every pair gets its own query, key

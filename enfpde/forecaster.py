@@ -35,11 +35,15 @@ from enfpde.rollout import rollout, solver_from_name
 Array = jax.Array
 
 
-def decode_trajectory(field: EquivariantNeuralField, zs: Latents, coords: Array) -> Array:
+def decode_trajectory(field: EquivariantNeuralField, zs: Latents, coords: Array, *, shared_poses: bool = False) -> Array:
     """Decode latents with batch ``[T, B]`` at ``coords [Q, D]``: returns ``[T, B, Q, C]``.
 
-    One frame at a time (``lax.map``): memory and the decoder's working set stay those of one frame.
+    One frame at a time (``lax.map``): memory and the decoder's working set stay those of one frame. With
+    ``shared_poses`` (every frame has the first frame's poses and widths: dynamics with ``move_poses=False``)
+    the pose-dependent part of the decoding is computed once for all frames (``field.decode_frames``).
     """
+    if shared_poses:
+        return field.decode_frames(coords, zs)
     return jax.lax.map(lambda z: field(coords, z), zs)
 
 
@@ -77,7 +81,7 @@ def forecast_fields(
     zs = rollout(
         dynamics, z0, times, solver=solver, dt0=dt0, stepsize_controller=stepsize_controller, max_steps=max_steps
     )
-    return decode_trajectory(field, zs, query_coords)
+    return decode_trajectory(field, zs, query_coords, shared_poses=not dynamics.move_poses)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -229,6 +229,10 @@ def animate_rollout(
         fig.colorbar(image, ax=ax, shrink=0.85, label=label)
         images.append(image)
     axes[0].set_ylabel(axis_labels[1])
+    fig.suptitle(f"t = {times[0]:g}")
+    # Lay the figure out once and keep it: the constrained layout redone on every frame was half of the GIF's time.
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
     writer = PillowWriter(fps=fps)

@@ -141,6 +141,26 @@ def test_chunked_decoding_equals_unchunked():
     assert relative_error(chunked_decode(per_batch, z), full) < 1e-6
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"k_nearest": 3}, {"k_nearest": 3, "chunk_size": 16, **LEAN}], ids=["released", "k_nearest", "lean_chunked"]
+)
+def test_frames_sharing_poses_decode_as_each_frame_alone(kwargs):
+    """decode_frames computes the pose-dependent part once for frames with the same poses (fixed-pose dynamics):
+    it must equal decoding every frame alone, released and lean decoder forms, k-nearest and chunked alike."""
+    torus = G.Torus()
+    field = make_field(torus, **kwargs)
+    z = random_latents(torus, jax.random.key(0), batch=2, num_latents=N, latent_dim=D)
+    contexts = jax.random.normal(jax.random.key(1), (4,) + z.contexts.shape)  # 4 frames
+    zs = Latents(jnp.broadcast_to(z.poses, (4,) + z.poses.shape), contexts, jnp.broadcast_to(z.widths, (4,) + z.widths.shape))
+    x = torus.sample_coords(jax.random.key(2), 37)
+    gd, st = nnx.split(field)
+    shared = jax.jit(lambda st, x, zs: nnx.merge(gd, st).decode_frames(x, zs))(st, x, zs)
+    decode = jit_decoder(field)
+    each = jnp.stack([decode(x, Latents(zs.poses[t], zs.contexts[t], zs.widths[t])) for t in range(4)])
+    assert shared.shape == (4, 2, 37, C)
+    assert relative_error(shared, each) < 1e-6
+
+
 def test_chunked_decoding_bounds_memory():
     """The compiled chunked decoder's temporaries do not grow with the number of points."""
     torus = G.Torus()
