@@ -67,6 +67,11 @@ VARIANTS = {
         {**QUICK_STAGE2, "train.stage2_frames": 3, "model.dynamics_move_poses": False},
         "frames 0-2 for the first 512 steps; the dynamics evolve the contexts only, every pose stays where it was fitted",
     ),
+    "quick_1200_fixed_poses": (
+        {**QUICK_STAGE2, "train.stage2.epochs": 200, "train.stage2_frames": 3, "train.stage2_frames_steps": 600,
+         "model.dynamics_move_poses": False},
+        "the quick preset's stage 2 now: fixed poses, 1200 steps, frames 0-2 for the first 600",
+    ),
     "frames_5_points_128": (
         {"train.stage2_frames": 5, "train.num_points": 128}, "frames 0-4 and 128 points per frame (both of the above)"
     ),
