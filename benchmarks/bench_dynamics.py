@@ -6,10 +6,13 @@ Cases (each in its own process):
              width 128, 2 heads, 4 latents x 16; dynamics width 128, 3 layers.
   forecast   encode the full 64 x 64 initial state (3 Meta-SGD steps on 512 random points each, as the
              reference protocol samples), 20-frame rollout, decode the full grid at every frame, batch 8, one jit.
-  stage2-quick       the stage-2 step of the quick preset (experiments/configs/quick.yaml): 64 latents, lean decoder
-                     of width 64, dynamics width 64 with 2 layers, fully connected; batch 4, 10 frames, 256 points.
-  stage2-quick-knn9  the same with each latent's dynamics hearing only its 9 nearest latents
-                     (model.dynamics_k_nearest=9).
+  stage2-quick       the stage-2 step of the quick preset as configured (experiments/configs/quick.yaml): 64
+                     latents, lean decoder of width 64, dynamics width 64 with 2 layers, each latent hearing its 16
+                     nearest, poses kept where they were fitted (the frames share the decoder's pose terms); batch
+                     4, 10 frames, 256 points.
+  stage2-quick-moving-poses  the same with dynamics that move the poses (model.dynamics_move_poses=true).
+  stage2-quick-all   the same with moving poses and every latent hearing all 64 (the quick preset before
+                     2026-12-03).
 
 Usage: python benchmarks/bench_dynamics.py [--cases stage2 forecast] [--repeats N]
 """
@@ -18,13 +21,13 @@ from __future__ import annotations
 
 from bench_enf import _build, measure, report
 
-CASES = ("stage2", "forecast", "stage2-quick", "stage2-quick-knn9")
+CASES = ("stage2", "forecast", "stage2-quick", "stage2-quick-moving-poses", "stage2-quick-all")
 REFERENCE = {"stage2": {"median_s": 2.4, "peak_gb": 2.9, "compile_s": 74.0}, "forecast": {"median_s": 11.7, "peak_gb": 1.1}}
 TARGET = {"stage2": {"median_s": 0.8, "compile_s": 30.0}, "forecast": {"median_s": 4.0}}
 
 
-def _quick_stage2(k_nearest):
-    """The quick preset's stage-2 step (its model config, with ``dynamics_k_nearest`` set) and a timed call."""
+def _quick_stage2(**overrides):
+    """The quick preset's stage-2 step (its model config with ``overrides``) and a timed call."""
     import dataclasses
     from pathlib import Path
 
@@ -35,7 +38,7 @@ def _quick_stage2(k_nearest):
     from enfpde.geometry import Torus
 
     config = load_config(Path(__file__).parents[1] / "experiments" / "configs" / "quick.yaml")
-    model_config = dataclasses.replace(config.model, dynamics_k_nearest=k_nearest)
+    model_config = dataclasses.replace(config.model, **overrides)
     torus = Torus((1.0, 1.0))
     field, encoder, dynamics = build_modules(model_config, torus, num_channels=1)
     return _stage2_call(field, encoder, dynamics, torus.sample_coords(jax.random.key(0), 256), batch=4)
@@ -63,8 +66,13 @@ def _stage2_call(field, encoder, dynamics, coords, batch):
 
 
 def run_case(name: str, repeats: int) -> dict:
-    if name in ("stage2-quick", "stage2-quick-knn9"):
-        return measure(name, _quick_stage2(9 if name.endswith("knn9") else None), repeats)
+    quick = {
+        "stage2-quick": {},
+        "stage2-quick-moving-poses": {"dynamics_move_poses": True},
+        "stage2-quick-all": {"dynamics_move_poses": True, "dynamics_k_nearest": None},
+    }
+    if name in quick:
+        return measure(name, _quick_stage2(**quick[name]), repeats)
 
     import jax.numpy as jnp
     from flax import nnx
