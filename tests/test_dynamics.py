@@ -288,3 +288,35 @@ def test_stage2_training_reduces_the_trajectory_error():
     assert np.isfinite(losses).all()
     assert min(losses[-5:]) < 0.9 * losses[0], losses
     assert step._cache_size() == 1
+
+
+def test_a_fixed_pose_model_from_its_config_forecasts_like_frame_by_frame_decoding(tmp_path):
+    """model.dynamics_move_poses=false survives the run's config file, builds dynamics that keep the poses, and
+    forecast_fields (which then shares the decoder's pose terms across frames) equals decoding each frame of the
+    rollout alone."""
+    from enfpde.config import RunConfig, config_from_yaml, load_config, to_yaml
+    from enfpde.forecaster import build_modules, forecast_fields
+
+    config = load_config("quick", ["model.num_hidden=16", "model.latent_dim=4", "model.dynamics_hidden=16", "model.num_latents=16",
+                                   "model.inner_steps=1", "model.dynamics_output_scale=0.3"])
+    assert isinstance(config, RunConfig) and config.model.dynamics_move_poses is False
+    (tmp_path / "config.yaml").write_text(to_yaml(config))
+    model = config_from_yaml(tmp_path / "config.yaml").model
+    assert model.dynamics_move_poses is False
+    torus = G.Torus()
+    field, encoder, dynamics = build_modules(model, torus, num_channels=1)
+    assert dynamics.move_poses is False
+    coords = torus.sample_coords(jax.random.key(0), 64)
+    initial = jax.random.normal(jax.random.key(1), (2, 64, 1))
+    times = jnp.array([0.0, 1.0, 2.5])
+
+    @nnx.jit
+    def both(field, encoder, dynamics):
+        out = forecast_fields(field, encoder, dynamics, coords, initial, times, coords, key=jax.random.key(2))
+        zs = rollout(dynamics, encoder(field, coords, initial, None, key=jax.random.key(2)), times)
+        return out, jnp.stack([field(coords, jax.tree.map(lambda a: a[t], zs)) for t in range(3)])
+
+    out, each = both(field, encoder, dynamics)
+    assert out.shape == (3, 2, 64, 1) and bool(jnp.all(jnp.isfinite(out)))
+    assert relative_error(out, each) < 1e-5
+    assert relative_error(out[2], out[0]) > 1e-3  # the forecast does change in time
