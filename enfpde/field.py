@@ -21,7 +21,11 @@ stage-1 ablation in experiments/results/ measures; all switches off with 16 freq
 Since every term sees the pose only through ``a(x, p_i)`` and ``dist(x, p_i)``, the field is steerable:
 ``f(g^-1 x; z) = f(x; g z)``.
 
-Two exact rewritings keep the per-(query, latent) work small (see ``_decode``): the query's linear layers are
+A decoding is split in two (``_pairs`` and ``_attend``): what depends on the query points and the poses only (the
+nearest latents, the bi-invariant embeddings) and what depends on the contexts. Frames that share their poses
+(dynamics that keep them fixed) compute the first part once (``decode_frames``).
+
+Two exact rewritings keep the per-(query, latent) work small (see ``_attend``): the query's linear layers are
 folded into the keys, ``q_i . k_i = h_i . (W^T k_i) + b . k_i`` with ``h_i`` the last hidden activation of
 ``e_q`` (one ``[hidden] x [heads]`` product per pair instead of ``[hidden] x [heads x d_head]``), and without
 the value mixer the additive shift ``beta`` is linear in its input ``u``, so it is applied after the
