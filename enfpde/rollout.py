@@ -1,9 +1,9 @@
 """Continuous-time rollout of the latents: ``z(t) = z(t0) + int_t0^t F(z) dt`` with diffrax.
 
 The ODE state is ``(poses, contexts)`` (the contexts alone for dynamics that keep the poses fixed); widths are
-constant. Poses are integrated in the geometry's ambient
-coordinates: the vector field sees them projected onto the domain (``geometry.project``) and returns tangent
-velocities, and every saved state is projected again (wrapped on the torus, normalised on the sphere).
+constant. Poses are integrated in the geometry's ambient coordinates: the vector field sees them projected onto
+the domain (``geometry.project``) and returns tangent velocities, and every saved state is projected again
+(wrapped on the torus, normalised on the sphere).
 
 Solvers and step-size control are diffrax objects (``diffrax.Euler()``, ``diffrax.Tsit5()``,
 ``diffrax.PIDController(rtol, atol)``, ...); :func:`solver_from_name` resolves names at a config boundary.
@@ -85,8 +85,8 @@ def rollout(
     fixed_poses = geometry.project(z0.poses) if not getattr(dynamics, "move_poses", True) else None
 
     def vector_field(t, y, state):
-        poses, contexts = (fixed_poses, y) if fixed_poses is not None else y
-        rate = nnx.merge(graphdef, state)(Latents(geometry.project(poses), contexts, widths))
+        poses, contexts = (fixed_poses, y) if fixed_poses is not None else (geometry.project(y[0]), y[1])
+        rate = nnx.merge(graphdef, state)(Latents(poses, contexts, widths))
         return rate.contexts if fixed_poses is not None else (rate.poses, rate.contexts)
 
     solution = diffrax.diffeqsolve(
@@ -105,5 +105,5 @@ def rollout(
     if fixed_poses is not None:
         poses, contexts = jnp.broadcast_to(fixed_poses, (times.shape[0],) + fixed_poses.shape), solution.ys
     else:
-        poses, contexts = solution.ys
-    return Latents(geometry.project(poses), contexts, jnp.broadcast_to(widths, (times.shape[0],) + widths.shape))
+        poses, contexts = geometry.project(solution.ys[0]), solution.ys[1]
+    return Latents(poses, contexts, jnp.broadcast_to(widths, (times.shape[0],) + widths.shape))
