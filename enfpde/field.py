@@ -232,19 +232,24 @@ class EquivariantNeuralField(nnx.Module):
             ``[B, M, num_out]``.
         """
         self._check_shapes(coords, z)
+        return self._in_chunks(lambda c: self._decode(c, z), coords)
+
+    def _in_chunks(self, decode, coords: Array) -> Array:
+        """``decode(coords [B|1, m, D]) -> [..., m, C]`` over chunks of ``chunk_size`` points (all at once
+        without one): pad the points to whole chunks, map over the chunks, drop the padding."""
         if coords.ndim == 2:
             coords = coords[None]
         num_points = coords.shape[1]
         if self.chunk_size is None or num_points <= self.chunk_size:
-            return self._decode(coords, z)
-        # Pad the points to whole chunks, map over chunks, drop the padding.
+            return decode(coords)
         num_chunks = -(-num_points // self.chunk_size)
         pad = num_chunks * self.chunk_size - num_points
         padded = jnp.pad(coords, ((0, 0), (0, pad), (0, 0)), mode="edge")
         chunks = padded.reshape(coords.shape[0], num_chunks, self.chunk_size, -1).swapaxes(0, 1)
-        out = jax.lax.map(lambda c: self._decode(c, z), chunks)  # [chunks, B, chunk, C]
-        out = out.swapaxes(0, 1).reshape(out.shape[1], num_chunks * self.chunk_size, self.num_out)
-        return out[:, :num_points]
+        out = jax.lax.map(decode, chunks)  # [chunks, ..., chunk, C]
+        out = jnp.moveaxis(out, 0, -3)  # [..., chunks, chunk, C]
+        out = out.reshape(out.shape[:-3] + (num_chunks * self.chunk_size, self.num_out))
+        return out[..., :num_points, :]
 
     def _check_shapes(self, coords: Array, z: Latents) -> None:
         g = self.geometry
@@ -373,23 +378,12 @@ class EquivariantNeuralField(nnx.Module):
         """
         first = Latents(zs.poses[0], zs.contexts[0], zs.widths[0])
         self._check_shapes(coords, first)
-        if coords.ndim == 2:
-            coords = coords[None]
-        num_points = coords.shape[1]
 
         def frames(c):  # [B|1, m, D] -> [T, B, m, C]
             pairs = self._pairs(c, first.poses, first.widths)
             return jax.lax.map(lambda contexts: self._attend(pairs, contexts), zs.contexts)
 
-        if self.chunk_size is None or num_points <= self.chunk_size:
-            return frames(coords)
-        num_chunks = -(-num_points // self.chunk_size)
-        pad = num_chunks * self.chunk_size - num_points
-        padded = jnp.pad(coords, ((0, 0), (0, pad), (0, 0)), mode="edge")
-        chunks = padded.reshape(coords.shape[0], num_chunks, self.chunk_size, -1).swapaxes(0, 1)
-        out = jax.lax.map(frames, chunks)  # [chunks, T, B, chunk, C]
-        out = jnp.moveaxis(out, 0, 2).reshape(out.shape[1], out.shape[2], num_chunks * self.chunk_size, self.num_out)
-        return out[:, :, :num_points]
+        return self._in_chunks(frames, coords)
 
     def decode_reference(self, coords: Array, z: Latents) -> Array:
         """The same field computed literally as in the module docstring (every pair gets its own query, key
