@@ -34,6 +34,7 @@ RESULTS = Path(__file__).parent / "results"
 COSINE = {"train.stage1.warmup_steps": 10, "train.stage1.decay": "cosine", "train.stage1.final_lr_fraction": 0.05}
 FIRST_ORDER = {"model.first_order": True}
 TRAIN256 = {"dataset": "datasets/navier_stokes_train256.yaml", "data.train": "data/navier_stokes_train256/train.nc"}
+RELEASED_DECODER_PARTS = ("context_stem", "full_width_heads", "embedding_mlp", "value_ffn", "value_mixer", "deep_head")
 # variant -> (overrides, steps, description). Steps: about 15 minutes of the 2-core machine for each.
 VARIANTS = {
     "released": ({}, 90, "the released recipe: AdamW 1e-4, second-order inner gradients, 2 frames x 512 points"),
@@ -76,6 +77,29 @@ VARIANTS = {
         {**FIRST_ORDER, "train.stage1.learning_rate": 1e-3, **COSINE, **TRAIN256}, 300,
         "first-order inner gradients, learning rate 1e-3 with warmup and cosine decay, 256 training trajectories",
     ),
+    # Capacity, on top of the `cpu_3h` preset (`--preset cpu_3h --name stage1_capacity`): its stage-1 training loss
+    # stopped falling after a few hundred of its 2432 steps, so the question is what the decoder can represent.
+    "cap_base": ({}, 1000, "the `cpu_3h` preset as it is"),
+    "cap_hidden128": ({"model.num_hidden": 128}, 1000, "decoder width 128 instead of 64"),
+    "cap_latent_dim32": ({"model.latent_dim": 32}, 1000, "context vectors of 32 instead of 16"),
+    "cap_latents144": ({"model.num_latents": 144}, 1000, "144 latents (12 x 12) instead of 64"),
+    "cap_latents256": ({"model.num_latents": 256}, 1000, "256 latents (16 x 16) instead of 64"),
+    "cap_latents400": ({"model.num_latents": 400}, 1000, "400 latents (20 x 20) instead of 64"),
+    "cap_k9": ({"model.k_nearest": 9}, 1000, "each point attends to its 9 nearest latents instead of 4"),
+    "cap_released_decoder": (
+        {f"model.{part}": True for part in RELEASED_DECODER_PARTS},
+        1000, "the released decoder's parts (context stem, full-width heads, embedding MLP, value FFN and mixer, deep head)",
+    ),
+    "cap_lr3e-3": ({"train.stage1.learning_rate": 3e-3}, 1000, "learning rate 3e-3 instead of 1e-3"),
+}
+
+# What each base preset is, for the report's header.
+PRESETS = {
+    "paper": "16 training trajectories, batch 8, 4 latents x 16, the released decoder",
+    "cpu_3h": (
+        "256 training trajectories, random 10-frame windows, batch 4, 256 points per frame, 64 latents x 16, each point "
+        "attends to its 4 nearest, the lean decoder, learning rate 1e-3 with warmup and cosine decay over the variant's steps"
+    ),
 }
 
 
@@ -113,21 +137,22 @@ def report(all_scores: list[dict], args) -> None:
         per100 = f"{minutes[last] / last * 100:.1f}" if minutes else ""
         wall100 = f"{sc['wall_s_at'][str(last)] / 60 / last * 100:.1f}"
         points = ", ".join(
-            f"{sc['test_frame0_mse'][str(s)]:.3f} ({s}, {minutes[s]:.1f})" if minutes else f"{sc['test_frame0_mse'][str(s)]:.3f} ({s})"
+            f"{sc['test_frame0_mse'][str(s)]:.3g} ({s}, {minutes[s]:.1f})" if minutes else f"{sc['test_frame0_mse'][str(s)]:.3g} ({s})"
             for s in steps
         )
         losses = np.asarray(sc["train_loss_raw"])
         lines.append(
             f"| {sc['variant']} | {sc['seed']} | {last} | {per100} | {wall100} | {mean_around(losses, len(losses)):.3f} | {points} |"
         )
-    descriptions = "\n".join(f"- `{k}` ({v[1]} steps): {v[2]}." for k, v in VARIANTS.items())
-    text = f"""# Stage-1 recipe study (Navier-Stokes, released decoder)
+    used = {sc["variant"] for sc in all_scores}
+    descriptions = "\n".join(f"- `{k}` ({v[1]} steps): {v[2]}." for k, v in VARIANTS.items() if k in used)
+    text = f"""# Stage-1 recipe study (Navier-Stokes, preset `{args.preset}`)
 
-Command: `python experiments/stage1_recipe.py --variants <names>` (finished runs are kept; the table collects
-every run under {args.runs}).
+Command: `python experiments/stage1_recipe.py --preset {args.preset} --name {args.name} --eval-every {args.eval_every}
+--variants <names>` (finished runs are kept; the table collects every run under {args.runs}).
 
 Machine: {_cpu()}, {os.cpu_count()} cores, Python {platform.python_version()}, jax {jax.__version__}.
-Stage 1 of preset `{args.preset}` (16 training trajectories, batch 8, 4 latents x 16, the released decoder),
+Stage 1 of preset `{args.preset}` ({PRESETS.get(args.preset, "see experiments/configs")}),
 {args.frames} random frames per trajectory per step unless the variant says otherwise. Test frame-0: MSE in raw
 units on the 16 test trajectories, frame 0 fitted with the 3 Meta-SGD steps on the full 64 x 64 grid (mean w^2 is
 about 1.05). Machine minutes: CPU seconds of the training process / {os.cpu_count()} cores / 60, evaluation
@@ -139,11 +164,11 @@ wall time much more than CPU time). Training loss: raw units, on the fitted poin
 Variants:
 {descriptions}
 
-![curves](stage1_recipe.png)
+![curves]({args.name}.png)
 """
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stage1_recipe.md").write_text(text)
-    save_json_atomic(RESULTS / "stage1_recipe.json", all_scores)
+    (RESULTS / f"{args.name}.md").write_text(text)
+    save_json_atomic(RESULTS / f"{args.name}.json", all_scores)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, sc in enumerate(all_scores):
@@ -158,8 +183,8 @@ Variants:
     ax2.set(xlabel=f"machine minutes (CPU time / {os.cpu_count()} cores)", ylabel="test frame-0 MSE (raw units)", yscale="log")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "stage1_recipe.png", dpi=120)
-    print(f"wrote {RESULTS / 'stage1_recipe.md'}")
+    fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
+    print(f"wrote {RESULTS / args.name}.md")
 
 
 def main() -> None:
@@ -171,6 +196,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2, help="random frames per trajectory in a stage-1 step")
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--runs", default="runs/stage1_recipe")
+    parser.add_argument("--name", default="stage1_recipe", help="results go to experiments/results/<name>.{md,json,png}")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
