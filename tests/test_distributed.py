@@ -100,9 +100,27 @@ def reference(preset):
     return run_dir
 
 
-def test_two_processes_train_and_forecast_like_one_process_with_two_devices(preset, reference):
+def test_two_processes_killed_resume_train_and_forecast_like_one_process_with_two_devices(preset, reference):
+    """Two processes train until one of them dies (after its checkpoint at step 6); resumed on the same two
+    processes, and (N -> M) on one process with one device, each run continues the uninterrupted one-process
+    sequence. The resumed two-process run then forecasts and evaluates like the one process. (One run covers what
+    an uninterrupted two-process run would: its first 6 steps are compared with the reference's too.)"""
     run_dir = preset.parent / "two"
-    outputs = finish(*two_processes(preset, run_dir, "--predict", preset.parent / "two.npy", "--evaluate"))
+    first, second = two_processes(preset, run_dir, "--kill-at-step", 6)
+    try:
+        second.wait(timeout=TIMEOUT_S)  # process 1 dies right after its checkpoint at step 6
+        time.sleep(1.0)
+    finally:
+        first.kill()  # process 0 waits in a collective for the dead one
+        first.wait()
+        second.kill()
+    assert second.returncode == -9
+    records = checkpointing.read_metrics(run_dir)
+    assert 6 <= len(records) < 10, [r["step"] for r in records]
+    np.testing.assert_allclose(losses(run_dir)[:6], losses(reference)[:6], rtol=2e-5)  # two processes, before the kill
+    copy = shutil.copytree(run_dir, preset.parent / "killed_copy")
+    # Resumed on the same two processes; the global batch is the same, only its split changes.
+    outputs = finish(*two_processes(preset, run_dir, "--resume", "--predict", preset.parent / "two.npy", "--evaluate"))
     assert "process 0 of 2 with 1 device(s): done" in outputs[0] and "process 1 of 2 with 1 device(s): done" in outputs[1]
     assert_same_run(run_dir, reference)
     # One consistent checkpoint per step, metrics written once (by process 0).
@@ -115,26 +133,6 @@ def test_two_processes_train_and_forecast_like_one_process_with_two_devices(pres
     assert two.keys() == one.keys() and len(two) > 1
     for setting in one:
         np.testing.assert_allclose(two[setting]["model"]["per_frame"], one[setting]["model"]["per_frame"], rtol=1e-3)
-
-
-def test_a_killed_process_resumes_on_two_processes_or_on_one(preset, reference):
-    run_dir = preset.parent / "killed"
-    first, second = two_processes(preset, run_dir, "--kill-at-step", 6)
-    try:
-        second.wait(timeout=TIMEOUT_S)  # process 1 dies right after its checkpoint at step 6
-        time.sleep(1.0)
-    finally:
-        first.kill()  # process 0 waits in a collective for the dead one
-        first.wait()
-        second.kill()
-    assert second.returncode == -9
-    records = checkpointing.read_metrics(run_dir)
-    assert 6 <= len(records) < 10, [r["step"] for r in records]
-    copy = shutil.copytree(run_dir, preset.parent / "killed_copy")
-    # Resumed on the same two processes, and (N -> M) on one process with one device: the global batch is the
-    # same, only its split changes, so both continue the uninterrupted sequence.
-    finish(*two_processes(preset, run_dir, "--resume"))
-    assert_same_run(run_dir, reference)
     # The one-process resume needs no subprocess of its own: `enfpde train --resume` in this (single-device) process.
     assert cli.main(["train", "--preset", str(preset), "--run-dir", str(copy), "--quiet", "--resume"]) == 0
     assert_same_run(copy, reference)
