@@ -174,14 +174,23 @@ def initial(tiny_data):
     return xr.open_dataset(tiny_data / "test.nc").isel(time=[0]).load()
 
 
-@pytest.fixture
-def xla_optimizations():
-    """XLA's optimisations back on for one test, for the few whose time is spent running compiled code rather than
-    compiling it (the suite turns most of them off above): the meta-training test, on the released decoder then,
-    took 134 s with them, 167 s without; on the lean decoder 49 s with them, 67 s without (CPU time)."""
+@contextlib.contextmanager
+def optimized_compilation():
+    """XLA's optimisations back on for what is compiled inside (the suite turns most of them off above)."""
     import jax
 
     before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def xla_optimizations():
+    """XLA's optimisations back on for one test, for the few whose time is spent running compiled code rather than
+    compiling it: the meta-training test, on the released decoder then, took 134 s with them, 167 s without; on
+    the lean decoder 49 s with them, 67 s without (CPU time)."""
+    with optimized_compilation():
+        yield

@@ -68,15 +68,13 @@ def protocol_run():
     is this fixture's cost, not compiling them (32 s with them off, 12 s with them on)."""
     import jax
 
+    from conftest import optimized_compilation
+
     solver = sw.ShallowWaterSolver()
     state = solver.initial_state(np.array([0.0, 150.0]), np.array([1 / 3, 2 / 9]), np.array([1 / 15, 2 / 45]))
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
+    with optimized_compilation():
         _, records = solver.advance(state, 7, 2 * DAY_STEPS)
         jax.block_until_ready(records)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
     return solver, state, records
 
 
