@@ -58,8 +58,8 @@ VARIANTS = {
     "points_128": ({"train.num_points": 128}, "128 random points per frame in the loss instead of 256"),
     "points_1024": (
         {"train.num_points": 1024},
-        "1024 random points per frame instead of 256: frame 0 fitted on 1024 points (the forecast's error from a 256-point "
-        "fit is 3.45e-02 at frame 1, from 1024 points 1.97e-02) and the loss on 1024",
+        "1024 random points per frame instead of 256: frame 0 fitted on 1024 points (a forecast from a 256-point fit is "
+        "far worse than from 1024: navier_stokes_cpu_3h_error_budget.md) and the loss on 1024",
     ),
     "quick_900": (QUICK_STAGE2, "the quick preset's stage 2: 16 nearest latents, 900 steps, frames 0-4 for the first 512"),
     "quick_900_frames_3": ({**QUICK_STAGE2, "train.stage2_frames": 3}, "the same with frames 0-2 (2 Euler steps) for the first 512 steps"),
