@@ -44,7 +44,6 @@ VARIANTS = {
     "scale_1": ({"model.dynamics_output_scale": 1.0}, "learned velocity scale starts at 1 instead of 1e-3"),
     "heun": ({"model.solver": "heun"}, "Heun (2 evaluations per frame) instead of explicit Euler"),
     "euler_dt0.5": ({"model.dt0": 0.5}, "explicit Euler with 2 steps per frame instead of 1"),
-    "layers_3": ({"model.dynamics_layers": 3}, "dynamics with 3 message-passing blocks instead of 2"),
     "lr_5e-3": ({"train.stage2.learning_rate": 5e-3}, "peak learning rate 5e-3 instead of 2e-3"),
     "width_128x3": ({"model.dynamics_hidden": 128, "model.dynamics_layers": 3}, "dynamics 128 wide, 3 blocks (the released size)"),
     "frames_3": ({"train.stage2_frames": 3}, "trains on frames 0-2 of each trajectory (2 Euler steps) instead of 0-9"),
@@ -59,7 +58,7 @@ VARIANTS = {
     "points_1024": (
         {"train.num_points": 1024},
         "1024 random points per frame instead of 256: frame 0 fitted on 1024 points (a forecast from a 256-point fit is "
-        "far worse than from 1024: navier_stokes_cpu_3h_error_budget.md) and the loss on 1024",
+        "worse than from 1024: navier_stokes_cpu_3h_error_budget.md) and the loss on 1024",
     ),
     "quick_900": (QUICK_STAGE2, "the quick preset's stage 2: 16 nearest latents, 900 steps, frames 0-4 for the first 512"),
     "quick_900_frames_3": ({**QUICK_STAGE2, "train.stage2_frames": 3}, "the same with frames 0-2 (2 Euler steps) for the first 512 steps"),
