@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from enfpde.config import config_from_yaml
 from enfpde.data.trajectories import TrajectoryDataset
 from enfpde.evaluation import sparse_observation_masks
 from enfpde.forecaster import Forecaster
@@ -109,12 +108,12 @@ def main() -> None:
     args = parser.parse_args()
 
     model = Forecaster.load(args.run)
-    config = config_from_yaml(args.run / "config.yaml")
+    config = model.config
     test = TrajectoryDataset.open(config.data.test)
     horizon = config.data.horizon
     fits = fit_errors(model, test, args.frames, args.refine_steps, args.refine_lr)
     # the whole grid is always one of them: the standard protocol's forecast
-    points = sorted(set(args.points) | {int(np.asarray(test.values).shape[2])})
+    points = sorted(set(args.points) | {int(test.coords.shape[0])})
     forecasts = forecast_errors(model, test, points, horizon, args.seed)
     results = {"run": str(args.run), "step": int(model.step), "test": config.data.test, "fits": fits,
                "forecasts": forecasts, "refine_steps": args.refine_steps, "refine_lr": args.refine_lr,
