@@ -46,6 +46,7 @@ VARIANTS = {
     "euler_dt0.5": ({"model.dt0": 0.5}, "explicit Euler with 2 steps per frame instead of 1"),
     "lr_5e-3": ({"train.stage2.learning_rate": 5e-3}, "peak learning rate 5e-3 instead of 2e-3"),
     "width_128x3": ({"model.dynamics_hidden": 128, "model.dynamics_layers": 3}, "dynamics 128 wide, 3 blocks (the released size)"),
+    "layers_4": ({"model.dynamics_layers": 4}, "dynamics with 4 blocks instead of 2 (Euler): as many blocks per frame as Heun's two evaluations"),
     "frames_3": ({"train.stage2_frames": 3}, "trains on frames 0-2 of each trajectory (2 Euler steps) instead of 0-9"),
     "frames_5": ({"train.stage2_frames": 5}, "trains on frames 0-4 of each trajectory (4 Euler steps) instead of 0-9"),
     "frames_5_then_10": (
