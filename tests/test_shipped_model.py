@@ -1,5 +1,6 @@
-"""The Navier-Stokes model shipped in the repository (the `cpu_3h` preset's trained run) loads from a clean clone and
-forecasts: shapes and finiteness only; its accuracy is measured in experiments/results/navier_stokes_cpu_3h.md."""
+"""The Navier-Stokes model shipped in the repository (the `cpu_3h_layers4_long` preset's trained run) loads from a
+clean clone and forecasts: shapes and finiteness only; its accuracy is measured in
+experiments/results/navier_stokes_cpu_3h_layers4_long.md."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import xarray as xr
 
 from enfpde.forecaster import Forecaster
 
-SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "navier_stokes_cpu_3h" / "model"
+SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "navier_stokes_cpu_3h_layers4_long" / "model"
 
 
 def test_the_shipped_model_forecasts_an_initial_state_at_other_times_and_resolution():
