@@ -27,21 +27,23 @@ from stage1_ablation import _cpu
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (overrides of the quick preset, description). The rows of earlier studies (the preset of commit 64907a7:
-# batch 2, 64 ten-frame training trajectories, no random windows) are kept in results/quick_recipe.json with their
-# descriptions; they are reported, not rerun.
+# name -> (overrides of the quick preset, description). Rows of earlier studies (earlier presets: qs_l64 ... of commit
+# 64907a7 and before, qs_windows_curriculum of 4bc2701, qs_knn16_900 of 0ac05ec) are kept in results/quick_recipe.json
+# with the overrides and descriptions they had then; they are reported, not rerun (their overrides were relative to
+# the preset of their day).
 VARIANTS = {
-    "qs_windows_curriculum": (
-        ["model.dynamics_k_nearest=null", "train.stage2.epochs=75", "train.stage2_frames_steps=256"],
-        "the quick preset of commit 4bc2701 and before: 24 fifty-frame training trajectories, random 10-frame "
-        "windows and quarter turns, batch 4, stage 1 on 2 frames per window (180 steps, lr 1e-3 with warmup and "
-        "cosine decay), stage 2 on all 64 latents, frames 0-4 for 256 steps and then 0-9 (450 steps, lr 2e-3 with "
-        "warmup and cosine decay)",
-    ),
-    "qs_knn16_900": (
+    "qs_fixed_poses_1200": (
         [],
-        "the quick preset now: the same with each latent's dynamics hearing only its 16 nearest latents (about "
-        "half the cost of a stage-2 step) and twice the stage-2 steps: 900, frames 0-4 for the first 512",
+        "the quick preset of commit bea4e55: dynamics of 2 blocks that keep the fitted poses, each latent hearing its "
+        "16 nearest; 1200 stage-2 steps, frames 0-2 for the first 600",
+    ),
+    "qs_layers4_1200": (
+        ["model.dynamics_layers=4"],
+        "the same with dynamics of 4 blocks instead of 2 (experiments/results/stage2_depth.md)",
+    ),
+    "qs_layers4_900": (
+        ["model.dynamics_layers=4", "train.stage2.epochs=150", "train.stage2_frames_steps=450"],
+        "4 blocks and 900 stage-2 steps (frames 0-2 for the first 450): about the 2-block stage 2's time",
     ),
 }
 
@@ -163,11 +165,20 @@ against 0.470) and its t_out worse (0.922 against 0.816): 450 stage-2 steps end 
 loss is still in its slow first phase. The train and test errors agree (train windows 0.405), so more steps, not
 more data, is what it lacks.
 
-`qs_knn16_900` is the quick preset now: with each latent's dynamics hearing its 16 nearest latents a stage-2 step
+`qs_knn16_900` was the quick preset from commit 0ac05ec to bea4e55: with each latent's dynamics hearing its 16 nearest latents a stage-2 step
 costs about half as much (experiments/results/stage2_knn.md), and twice the steps cost 1.16x the old stage 2
 (8.1 against 7.0 machine minutes, measured the same day). Test t_in / t_out 0.271 / 0.778 (0.40x / 0.64x
 persistence), train 0.224 / 0.818. The whole quickstart took 20.1 min on 2026-12-03, a day on which the machine
 ran 2.0x to 2.9x slower than on 2026-12-02 (benchmarks/bench_enf.py); it has not been timed on a faster day.
+
+`qs_fixed_poses_1200` is the quick preset now (commit bea4e55; the README's quickstart section has its timings),
+rerun on 2026-12-05 with the same scores as on 2026-12-03 (test t_in / t_out 0.191 / 0.603): 1200 stage-2 steps in 1.5
+machine minutes (the training took 141 s wall on this day). Dynamics of 4 blocks, which at the `cpu_3h` scale learned
+more per step and per minute than 2 (experiments/results/stage2_depth.md, the shipped `cpu_3h_layers4_long` model),
+do not help in the quickstart's budget: with the same 1200 steps test t_in / t_out 0.200 / 0.638 (1.9 machine
+minutes), with 900 steps, about the 2-block stage 2's time, 0.296 / 0.712. At the `cpu_3h` scale too the 4-block
+dynamics were behind 2 blocks after 1152 steps (test t_in 0.458 against 0.400, stage2_solver_width.md) and ahead
+only from about 2000 steps on: a deeper network needs more steps before its depth pays. The quick preset keeps 2 blocks.
 
 ![stage-2 loss](quick_recipe.png)
 """
@@ -178,10 +189,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS),
+                        help="the variants to run when missing (default: all)")
     args = parser.parse_args()
     runs = Path(args.runs)
     if not args.report_only:
-        for name, (overrides, _) in VARIANTS.items():
+        for name in args.variants:
+            overrides = VARIANTS[name][0]
             if not (runs / name / "eval" / "report.md").exists():
                 command = [sys.executable, str(ROOT / "experiments" / "navier_stokes.py"), "--preset", "quick",
                            "--run-dir", str(runs / name), "--overwrite", *overrides]
