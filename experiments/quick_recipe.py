@@ -165,9 +165,9 @@ against 0.470) and its t_out worse (0.922 against 0.816): 450 stage-2 steps end 
 loss is still in its slow first phase. The train and test errors agree (train windows 0.405), so more steps, not
 more data, is what it lacks.
 
-`qs_knn16_900` was the quick preset from commit 0ac05ec to bea4e55: with each latent's dynamics hearing its 16 nearest latents a stage-2 step
-costs about half as much (experiments/results/stage2_knn.md), and twice the steps cost 1.16x the old stage 2
-(8.1 against 7.0 machine minutes, measured the same day). Test t_in / t_out 0.271 / 0.778 (0.40x / 0.64x
+`qs_knn16_900` was the quick preset from commit 0ac05ec to bea4e55: with each latent's dynamics hearing its 16
+nearest latents a stage-2 step costs about half as much (experiments/results/stage2_knn.md), and twice the steps
+cost 1.16x the old stage 2 (8.1 against 7.0 machine minutes, measured the same day). Test t_in / t_out 0.271 / 0.778 (0.40x / 0.64x
 persistence), train 0.224 / 0.818. The whole quickstart took 20.1 min on 2026-12-03, a day on which the machine
 ran 2.0x to 2.9x slower than on 2026-12-02 (benchmarks/bench_enf.py); it has not been timed on a faster day.
 
