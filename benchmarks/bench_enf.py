@@ -17,6 +17,7 @@ model defaults, 531k parameters) unless the case says lean (every switch of enfp
 Usage:
   python benchmarks/bench_enf.py                      # all cases, writes benchmarks/results/enf_core.{json,md}
   python benchmarks/bench_enf.py --cases decode --repeats 5
+  python benchmarks/bench_enf.py --costs              # XLA's operation counts -> benchmarks/results/enf_costs.md
 
 Reported: median wall time of the steps after the first, the first call's time (compile + one run), and the
 process's peak resident memory (ru_maxrss, which includes about 0.4 GB of Python + JAX runtime).
@@ -87,7 +88,8 @@ def measure(name: str, one, repeats: int) -> dict:
     }
 
 
-def run_case(name: str, repeats: int) -> dict:
+def case_program(name: str):
+    """The jitted function a case times and the arguments of its first call."""
     from enfpde.training import default_optimizer, make_stage1_step
 
     if name.startswith("stage1"):
@@ -101,15 +103,8 @@ def run_case(name: str, repeats: int) -> dict:
         points = 4096 if draws else 512
         coords = torus.sample_coords(jax.random.key(0), points)
         values = jax.random.normal(jax.random.key(1), (fields, points, 1))
-        carry = [state.params, state.opt_state, 0]
-
-        def one():
-            params, opt_state, i = carry
-            params, opt_state, loss = step(params, opt_state, state.rest, coords, values, jax.random.key(i))
-            loss.block_until_ready()
-            carry[:] = [params, opt_state, i + 1]
-
-    elif name.startswith("decode"):
+        return step, (state.params, state.opt_state, state.rest, coords, values, jax.random.key(0))
+    if name.startswith("decode"):
         import jax.numpy as jnp
         from flax import nnx
 
@@ -120,13 +115,71 @@ def run_case(name: str, repeats: int) -> dict:
         z = z.replace(contexts=jax.random.normal(jax.random.key(2), z.contexts.shape))
         graphdef, params = nnx.split(model.field)
         decode = jax.jit(lambda params, coords, z: nnx.merge(graphdef, params)(coords, z))
+        return decode, (params, coords, z)
+    raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
 
-        def one():
-            decode(params, coords, z).block_until_ready()
+
+def run_case(name: str, repeats: int) -> dict:
+    import jax
+
+    fn, args = case_program(name)
+    if name.startswith("stage1"):
+        carry = [args[0], args[1], 0]
+
+        def one():  # every step continues from the previous one's parameters, with a fresh key
+            params, opt_state, i = carry
+            params, opt_state, loss = fn(params, opt_state, *args[2:5], jax.random.key(i))
+            loss.block_until_ready()
+            carry[:] = [params, opt_state, i + 1]
 
     else:
-        raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
+
+        def one():
+            fn(*args).block_until_ready()
+
     return measure(name, one, repeats)
+
+
+def xla_cost(name: str) -> dict:
+    """XLA's own count of a case's floating-point operations and bytes accessed (one call, after compilation)."""
+    fn, args = case_program(name)
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"case": name, "gflop": cost.get("flops", 0.0) / 1e9, "gbytes": cost.get("bytes accessed", 0.0) / 1e9}
+
+
+# Cases whose program has no loop: XLA's cost analysis counts a loop's body once, whatever its trip count, so the
+# micro-batched 80-field steps and the chunked decodes would be undercounted.
+LOOP_FREE_CASES = ("stage1-16", "stage1-draws", "stage1-first", "stage1-subset", "stage1-lean-16")
+
+
+def report_costs(cases) -> None:
+    """``--costs``: XLA's operation counts of the (loop-free) cases beside their recorded median times
+    (results/enf_core.json), written to results/enf_costs.md: the rate each case reaches at that median."""
+    recorded = {r["case"]: r for r in json.loads((RESULTS / "enf_core.json").read_text())["results"]}
+    lines = [
+        "| case | GFLOP per call | GB accessed per call | recorded median | GFLOP/s at that median |",
+        "|---|---|---|---|---|",
+    ]
+    for case in cases:
+        cost = xla_cost(case)
+        median = recorded.get(case, {}).get("median_s")
+        rate = f"{cost['gflop'] / median:.0f}" if median else "-"
+        shown = f"{median:.2f} s" if median else "-"
+        lines.append(f"| {case} | {cost['gflop']:.1f} | {cost['gbytes']:.1f} | {shown} | {rate} |")
+        print(lines[-1], flush=True)
+    info = machine()
+    text = "\n".join([
+        "# ENF core: XLA's operation counts",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']}. Command: `python benchmarks/bench_enf.py --costs`. "
+        "Counts from `jax.jit(...).lower(...).compile().cost_analysis()` (one call; XLA counts a multiply-add as 2 "
+        "operations); medians as recorded in enf_core.md. Only the cases without a loop: XLA counts a loop's body "
+        "once, so the micro-batched 80-field steps and the chunked decodes are left out.",
+        "",
+        *lines,
+    ])
+    (RESULTS / "enf_costs.md").write_text(text + "\n")
 
 
 def machine() -> dict:
@@ -196,4 +249,7 @@ def report(script: str, title: str, stem: str, cases, reference: dict, target: d
 
 
 if __name__ == "__main__":
-    report(__file__, "ENF core benchmark (reference Navier-Stokes configuration)", "enf_core", CASES, REFERENCE, TARGET)
+    if "--costs" in sys.argv:
+        report_costs(LOOP_FREE_CASES)
+    else:
+        report(__file__, "ENF core benchmark (reference Navier-Stokes configuration)", "enf_core", CASES, REFERENCE, TARGET)
