@@ -174,7 +174,8 @@ def report_costs(cases) -> None:
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']}. Command: `python benchmarks/bench_enf.py --costs`. "
         "Counts from `jax.jit(...).lower(...).compile().cost_analysis()` (one call; XLA counts a multiply-add as 2 "
-        "operations); medians as recorded in enf_core.md. Only the cases without a loop: XLA counts a loop's body "
+        "operations) of the code as it is; medians as recorded in enf_core.md, where they may be older than the code. "
+        "Only the cases without a loop: XLA counts a loop's body "
         "once, so the micro-batched 80-field steps and the chunked decodes are left out.",
         "",
         *lines,

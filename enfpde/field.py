@@ -280,6 +280,17 @@ class EquivariantNeuralField(nnx.Module):
             return w, b
         return out.kernel[...] @ w, out.bias[...] @ w + b
 
+    def _value_modulation_hidden(self, a: Array) -> Array:
+        """The modulation FFN's hidden activation ``[..., E]`` for bi-invariants ``a [..., A]``, with the value
+        embedding's last linear layer folded into the FFN's first (two affine maps in a row are one, exact): the
+        per-pair product with the embedding's output layer is never computed. Needs ``value_ffn``."""
+        first = self.modulation.inner
+        w, b = first.kernel[...], first.bias[...]
+        out = self.value_embedding.output_layer
+        if out is not None:
+            w, b = out.kernel[...] @ w, out.bias[...] @ w + b
+        return self.modulation.norm(jax.nn.gelu(self.value_embedding.hidden_activation(a) @ w + b))
+
     def _head(self, y: Array) -> Array:
         if len(self.head) == 2:
             return self.head[1](jax.nn.gelu(self.head[0](y)))
@@ -315,14 +326,16 @@ class EquivariantNeuralField(nnx.Module):
             "window": -self.geometry.squared_distance(x, poses) / widths**2,  # [B, M, K]
             "h_q": self.query_embedding.hidden_activation(a),  # [B, M, K, E]
         }
-        e_v = self.value_embedding(a)  # [B, M, K, E]
+        if isinstance(self.modulation, PointwiseFFN):
+            u_mod = self._value_modulation_hidden(a)  # [B, M, K, E], the input of the modulation's last layer
+            last = self.modulation.outer
+        else:
+            u_mod, last = self.value_embedding(a), self.modulation
         if self.mixer is not None:
-            pairs["gamma"], pairs["beta"] = jnp.split(self.modulation(e_v), 2, axis=-1)
+            pairs["gamma"], pairs["beta"] = jnp.split(last(u_mod), 2, axis=-1)
         else:
             # beta = W_beta u + b_beta is linear in u, the input of the modulation's last layer: apply W_beta
             # to the attention-weighted u of each head (exact), once per query instead of once per pair.
-            last = self.modulation.outer if isinstance(self.modulation, PointwiseFFN) else self.modulation
-            u_mod = self.modulation.hidden(e_v) if isinstance(self.modulation, PointwiseFFN) else e_v
             w_gamma = jnp.split(last.kernel[...], 2, axis=1)[0]
             pairs["gamma"] = u_mod @ w_gamma + jnp.split(last.bias[...], 2)[0]
             pairs["u_mod"] = u_mod
