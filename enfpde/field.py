@@ -112,6 +112,15 @@ class InvariantEmbedding(nnx.Module):
         return h if self.output_layer is None else self.output_layer(h)
 
 
+def _fold_output_layer(embedding: InvariantEmbedding, w: Array, b: Array) -> tuple[Array, Array]:
+    """The affine map ``(w [E, out], b [out])`` applied after ``embedding``, as one affine map of the embedding's last
+    activation (its output layer folded in, exact); unchanged when the embedding has no output layer."""
+    out = embedding.output_layer
+    if out is None:
+        return w, b
+    return out.kernel[...] @ w, out.bias[...] @ w + b
+
+
 class PointwiseFFN(nnx.Module):
     """``x -> W_2 LayerNorm(GELU(W_1 x))`` on the last axis: ``[..., num_in] -> [..., num_out]``."""
 
@@ -274,21 +283,14 @@ class EquivariantNeuralField(nnx.Module):
 
     def _query_weights(self) -> tuple[Array, Array]:
         """The query as one affine map of the query embedding's last activation: ``(W [E, H*dh], b [H*dh])``."""
-        w, b = self.query.kernel[...], self.query.bias[...]
-        out = self.query_embedding.output_layer
-        if out is None:
-            return w, b
-        return out.kernel[...] @ w, out.bias[...] @ w + b
+        return _fold_output_layer(self.query_embedding, self.query.kernel[...], self.query.bias[...])
 
     def _value_modulation_hidden(self, a: Array) -> Array:
         """The modulation FFN's hidden activation ``[..., E]`` for bi-invariants ``a [..., A]``, with the value
         embedding's last linear layer folded into the FFN's first (two affine maps in a row are one, exact): the
         per-pair product with the embedding's output layer is never computed. Needs ``value_ffn``."""
         first = self.modulation.inner
-        w, b = first.kernel[...], first.bias[...]
-        out = self.value_embedding.output_layer
-        if out is not None:
-            w, b = out.kernel[...] @ w, out.bias[...] @ w + b
+        w, b = _fold_output_layer(self.value_embedding, first.kernel[...], first.bias[...])
         return self.modulation.norm(jax.nn.gelu(self.value_embedding.hidden_activation(a) @ w + b))
 
     def _head(self, y: Array) -> Array:
