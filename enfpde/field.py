@@ -131,7 +131,12 @@ class PointwiseFFN(nnx.Module):
 
     def hidden(self, x: Array) -> Array:
         """The input of the last (linear) layer."""
-        return self.norm(jax.nn.gelu(self.inner(x)))
+        return self.activate(self.inner(x))
+
+    def activate(self, pre: Array) -> Array:
+        """``LayerNorm(GELU(pre))`` of the first layer's output ``pre``: the hidden activation, for callers that
+        compute that output themselves (a folded affine map)."""
+        return self.norm(jax.nn.gelu(pre))
 
     def __call__(self, x: Array) -> Array:
         return self.outer(self.hidden(x))
@@ -291,7 +296,7 @@ class EquivariantNeuralField(nnx.Module):
         per-pair product with the embedding's output layer is never computed. Needs ``value_ffn``."""
         first = self.modulation.inner
         w, b = _fold_output_layer(self.value_embedding, first.kernel[...], first.bias[...])
-        return self.modulation.norm(jax.nn.gelu(self.value_embedding.hidden_activation(a) @ w + b))
+        return self.modulation.activate(self.value_embedding.hidden_activation(a) @ w + b)
 
     def _head(self, y: Array) -> Array:
         if len(self.head) == 2:
