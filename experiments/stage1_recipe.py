@@ -108,10 +108,14 @@ PRESETS = {
 }
 
 
+def scaled_steps(steps: int, args) -> int:
+    """A variant's steps times ``--budget-scale``, rounded to a multiple of ``--eval-every``."""
+    return max(args.eval_every, int(round(steps * args.budget_scale / args.eval_every)) * args.eval_every)
+
+
 def run(name: str, seed: int, args) -> dict:
     overrides, steps, _ = VARIANTS[name]
-    steps = max(args.eval_every, int(round(steps * args.budget_scale / args.eval_every)) * args.eval_every)
-    return train_and_score(Path(args.runs) / f"{name}_s{seed}", name, overrides, seed, steps, args)
+    return train_and_score(Path(args.runs) / f"{name}_s{seed}", name, overrides, seed, scaled_steps(steps, args), args)
 
 
 def machine_minutes(scores: dict) -> dict[int, float] | None:
@@ -150,10 +154,15 @@ def report(all_scores: list[dict], args) -> None:
             f"| {sc['variant']} | {sc['seed']} | {last} | {per100} | {wall100} | {mean_around(losses, len(losses)):.3f} | {points} |"
         )
     used = {sc["variant"] for sc in all_scores}
-    descriptions = "\n".join(f"- `{k}` ({v[1]} steps): {v[2]}." for k, v in VARIANTS.items() if k in used)
+    descriptions = "\n".join(
+        f"- `{k}` ({scaled_steps(v[1], args)} steps): {v[2]}." for k, v in VARIANTS.items() if k in used
+    )
+    extra = (f" --budget-scale {args.budget_scale:g}" if args.budget_scale != 1 else "") + (
+        f" --runs {args.runs}" if args.runs != "runs/stage1_recipe" else ""
+    )
     text = f"""# Stage-1 recipe study (Navier-Stokes, preset `{args.preset}`)
 
-Command: `python experiments/stage1_recipe.py --preset {args.preset} --name {args.name} --eval-every {args.eval_every}
+Command: `python experiments/stage1_recipe.py --preset {args.preset} --name {args.name} --eval-every {args.eval_every}{extra}
 --variants <names>` (finished runs are kept; the table collects every run under {args.runs}).
 
 Machine: {_cpu()}, {os.cpu_count()} cores, Python {platform.python_version()}, jax {jax.__version__}.
