@@ -30,6 +30,7 @@ from enfpde.data.trajectories import save_json_atomic
 from stage1_ablation import _cpu, mean_around, train_and_score
 
 RESULTS = Path(__file__).parent / "results"
+DEFAULT_RUNS = "runs/stage1_recipe"
 
 COSINE = {"train.stage1.warmup_steps": 10, "train.stage1.decay": "cosine", "train.stage1.final_lr_fraction": 0.05}
 FIRST_ORDER = {"model.first_order": True}
@@ -158,7 +159,7 @@ def report(all_scores: list[dict], args) -> None:
         f"- `{k}` ({scaled_steps(v[1], args)} steps): {v[2]}." for k, v in VARIANTS.items() if k in used
     )
     extra = (f" --budget-scale {args.budget_scale:g}" if args.budget_scale != 1 else "") + (
-        f" --runs {args.runs}" if args.runs != "runs/stage1_recipe" else ""
+        f" --runs {args.runs}" if args.runs != DEFAULT_RUNS else ""
     )
     text = f"""# Stage-1 recipe study (Navier-Stokes, preset `{args.preset}`)
 
@@ -209,7 +210,7 @@ def main() -> None:
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every variant's steps")
     parser.add_argument("--frames", type=int, default=2, help="random frames per trajectory in a stage-1 step")
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--runs", default="runs/stage1_recipe")
+    parser.add_argument("--runs", default=DEFAULT_RUNS)
     parser.add_argument("--name", default="stage1_recipe", help="results go to experiments/results/<name>.{md,json,png}")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--quiet", action="store_true")
