@@ -94,8 +94,11 @@ def stage1_end(config) -> int:
     return config.train.stage1.epochs * steps_per_epoch
 
 
-def start_variant(base: Path, run_dir: Path, overrides: dict, checkpoint_every: int) -> int:
-    """Make ``run_dir`` a run at the base run's stage-1 end with a fresh dynamics model; returns that step."""
+def start_variant(base: Path, run_dir: Path, overrides: dict, checkpoint_every: int, before_save=None) -> int:
+    """Make ``run_dir`` a run at the base run's stage-1 end with a fresh dynamics model; returns that step.
+
+    ``before_save(trainer, boundary)``, if given, may change the dynamics (a warm start) before that checkpoint
+    is written."""
     for key in overrides:
         if not key.startswith(ALLOWED_PREFIXES):
             raise SystemExit(f"{key}: only dynamics settings and train.stage2.* may differ from the base run.")
@@ -119,6 +122,8 @@ def start_variant(base: Path, run_dir: Path, overrides: dict, checkpoint_every: 
     field, encoder, _ = trainer.modules  # the dynamics keep their fresh initialisation
     nnx.update(field, restored[0])
     nnx.update(encoder, restored[1])
+    if before_save is not None:
+        before_save(trainer, boundary)
     manager = checkpointing.checkpoint_manager(run_dir, max_to_keep=1)
     trainer._save(manager, boundary)
     manager.wait_until_finished()

@@ -1,0 +1,282 @@
+"""Stage 2 warm-started on latent targets: the dynamics first learn to carry the fitted latents of frame s to
+the fitted latents of frames s+1..s+T-1, with no decoder in the loss, then train on the fields as usual.
+
+    python experiments/latent_warmup.py runs/navier_stokes_cpu_3h_layers4_released_decoder \\
+        --latent-steps 3000 --field-steps 1024 2048 --name latent_warmup
+
+Why: a field-space stage-2 step decodes every frame of the window (and fits frame 0) inside the step, so with a
+large decoder it costs about 0.27 s here, while the dynamics alone cost milliseconds. The decoder and encoder are
+frozen in stage 2, so the Meta-SGD latents of every training frame can be fitted once (``--fit-points`` random
+grid points per field) and the dynamics regressed onto them (the latent autodecoding targets of DINo, here from
+the frozen Meta-SGD encoder). experiments/results/navier_stokes_cpu_3h_error_budget.md measured the bound this
+aims at: frame t's Meta-SGD contexts placed at frame 0's poses decode as well as frame t's own fit, so dynamics
+that keep the fitted poses (``model.dynamics_move_poses: false``, required here) can in principle forecast as
+well as the encoder fits.
+
+The run starts from the base run's decoder and encoder at the end of its stage 1 and from the base run's fresh
+dynamics initialisation (as in experiments/stage2_recipe.py), in ``<base>_s2_<name>``. The latent loss is
+the mean squared error of the contexts standardised per channel with the dynamics' own context statistics. After
+the latent steps the usual stage 2 of the base config continues (fresh optimiser, its schedule) and the test split
+is scored (standard protocol) after the latent phase alone and at each ``--field-steps``. Machine minutes count
+the fitting of the targets and the latent steps (CPU time of this process / cores) on top of the base run's
+stage 1, so the curve compares with the base run's test curve (experiments/results/<base>_test_curve.json).
+
+Writes experiments/results/<name>.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from enfpde import checkpointing
+from enfpde.config import config_from_yaml
+from enfpde.data.trajectories import TrajectoryDataset
+from enfpde.experiment import cumulative_seconds
+from enfpde.latents import Latents
+from enfpde.plotting import _new_figure
+from enfpde.rollout import rollout, solver_from_name
+from enfpde.training import default_optimizer, learning_rate_schedule
+from stage2_recipe import start_variant, stage1_end
+from test_curve import score
+
+RESULTS = Path(__file__).parent / "results"
+WARMUP_FILE = "latent_warmup.json"  # in the run directory: the latent phase's log and cost
+CHECKPOINT_EVERY = 1024  # besides the checkpoint at each scored step (the end of each training call)
+
+
+def machine_seconds() -> float:
+    """CPU seconds of this process divided by the cores (the unit of every curve in experiments/results)."""
+    return time.process_time() / (os.cpu_count() or 1)
+
+
+def fit_training_latents(trainer, fit_points: int, fields_per_call: int, seed: int) -> Latents:
+    """Meta-SGD latents of every frame of every training trajectory, each fitted on ``fit_points`` random grid
+    points (one draw per call of ``fields_per_call`` fields). Returns Latents with batch ``[N, F]``."""
+    field, encoder, _ = trainer.modules
+    values = trainer.sampler.values  # [N, F, M, C], normalised
+    n, f, m, c = values.shape
+    flat = values.reshape(n * f, m, c)
+    coords = np.asarray(trainer.geometry.coords_from_user(trainer.sampler.coords))
+    rng = np.random.default_rng(seed)
+
+    @nnx.jit
+    def fit(field, encoder, coords, values, key):
+        return encoder(field, coords, values, key=key)
+
+    parts = []
+    for start in range(0, n * f, fields_per_call):
+        idx = np.sort(rng.choice(m, min(fit_points, m), replace=False))
+        chunk = jnp.asarray(flat[start : start + fields_per_call][:, idx])
+        parts.append(fit(field, encoder, jnp.asarray(coords[idx]), chunk, jax.random.key(start)))
+    z = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
+    return jax.tree.map(lambda x: x.reshape((n, f) + x.shape[1:]), z)  # host arrays: windows are gathered there
+
+
+def train_on_latents(trainer, targets: Latents, steps: int, batch_size: int, learning_rate: float, seed: int) -> list[float]:
+    """Fit the dynamics so that the rollout from frame s's latents matches the contexts fitted to frames
+    s+1..s+T-1 (T = data.horizon), windows drawn at random; updates ``trainer.modules[2]`` in place."""
+    _, _, dynamics = trainer.modules
+    mc, tc = trainer.config.model, trainer.config.train
+    horizon = trainer.config.data.horizon
+    times = trainer.times[:horizon]
+    solver = solver_from_name(mc.solver)
+    std = jnp.asarray(dynamics.context_std[...])
+    graphdef, params, rest = nnx.split(dynamics, nnx.Param, ...)
+    optimizer = default_optimizer(
+        learning_rate_schedule(learning_rate, steps, warmup_steps=50, decay="cosine", final_fraction=0.02),
+        tc.clip_norm, tc.weight_decay,
+    )
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, rest, z0, target_contexts):
+        model = nnx.merge(graphdef, params, rest)
+        z = rollout(model, z0, times, solver=solver, dt0=mc.dt0)  # [T, B]
+        return jnp.mean(((z.contexts[1:] - target_contexts) / std) ** 2)
+
+    @jax.jit
+    def step(params, opt_state, rest, z0, target_contexts):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, z0, target_contexts)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    n, f = targets.contexts.shape[:2]
+    rng = np.random.default_rng([seed, 11])
+    losses, t0 = [], machine_seconds()
+    for k in range(steps):
+        rows = rng.choice(n, batch_size, replace=False)
+        starts = rng.integers(0, f - horizon + 1, batch_size)
+        frames = starts[:, None] + np.arange(horizon)  # [B, T]
+        window = jax.tree.map(lambda x: x[rows[:, None], frames], targets)  # [B, T, ...]
+        z0 = jax.tree.map(lambda x: x[:, 0], window)
+        target_contexts = jnp.swapaxes(window.contexts[:, 1:], 0, 1)  # [T-1, B, L, d]
+        params, opt_state, loss = step(params, opt_state, rest, z0, target_contexts)
+        losses.append(float(loss))
+        if not np.isfinite(losses[-1]):
+            raise SystemExit(f"latent phase: non-finite loss at step {k}; lower --latent-lr.")
+        if k % 250 == 0 or k == steps - 1:
+            print(f"latent step {k}: loss {losses[-1]:.4f} ({(machine_seconds() - t0) / 60:.2f} machine min)", flush=True)
+    nnx.update(dynamics, params, rest)
+    return losses
+
+
+def start_with_latent_warmup(base: Path, run_dir: Path, args) -> int:
+    """Make ``run_dir`` (the base run at its stage-1 end) with dynamics warm-started on latent targets."""
+
+    def warm_start(trainer, boundary):
+        if trainer.config.model.dynamics_move_poses:
+            raise SystemExit("latent targets need model.dynamics_move_poses: false (the poses stay where frame s fitted them).")
+        t0 = machine_seconds()
+        trainer._set_context_statistics(boundary)  # the same statistics the Trainer sets at the stage-2 start
+        # The fit depends only on the base run's stage 1 and the points: kept beside the base run for other variants.
+        cache = base.parent / f"{base.name}_latent_targets_{args.fit_points}.npz"
+        if cache.exists():
+            with np.load(cache) as saved:
+                targets, fit_min = Latents(saved["poses"], saved["contexts"], saved["widths"]), float(saved["fit_machine_min"])
+        else:
+            targets = fit_training_latents(trainer, args.fit_points, args.fields_per_call, trainer.config.train.seed)
+            fit_min = (machine_seconds() - t0) / 60
+            np.savez(cache, poses=targets.poses, contexts=targets.contexts, widths=targets.widths, fit_machine_min=fit_min)
+        t_fit = machine_seconds()
+        print(f"fitted {targets.contexts.shape[0] * targets.contexts.shape[1]} training fields in {fit_min:.1f} machine min", flush=True)
+        losses = train_on_latents(trainer, targets, args.latent_steps, args.latent_batch, args.latent_lr, trainer.config.train.seed)
+        t_end = machine_seconds()
+        (run_dir / WARMUP_FILE).write_text(json.dumps({
+            "fit_points": args.fit_points, "latent_steps": args.latent_steps, "latent_batch": args.latent_batch,
+            "latent_lr": args.latent_lr, "fit_machine_min": fit_min, "latent_machine_min": (t_end - t_fit) / 60,
+            "losses": losses,
+        }))
+
+    overrides = dict(item.split("=", 1) for item in args.override)
+    return start_variant(base, run_dir, overrides, CHECKPOINT_EVERY, before_save=warm_start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", type=Path, help="a run whose stage 1 is finished (its checkpoint there kept)")
+    parser.add_argument("--latent-steps", type=int, default=3000)
+    parser.add_argument("--latent-batch", type=int, default=16, help="windows per latent step")
+    parser.add_argument("--latent-lr", type=float, default=2e-3, help="peak learning rate of the latent phase (cosine)")
+    parser.add_argument("--fit-points", type=int, default=1024, help="grid points each training field is fitted on")
+    parser.add_argument("--fields-per-call", type=int, default=64)
+    parser.add_argument("--field-steps", type=int, nargs="+", default=[1024, 2048],
+                        help="field-space stage-2 steps after the latent phase at which the test split is scored")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="stage-2 settings of the field-space phase that differ from the base run's, e.g. "
+                             "train.stage2_frames=null train.stage2.learning_rate=5e-4")
+    parser.add_argument("--name", default="latent_warmup")
+    args = parser.parse_args()
+
+    run_dir = args.base.parent / f"{args.base.name}_s2_{args.name}"
+    if not (run_dir / WARMUP_FILE).exists():
+        if run_dir.exists():
+            raise SystemExit(f"'{run_dir}' exists without {WARMUP_FILE} (an interrupted start): move it away first.")
+        start_with_latent_warmup(args.base, run_dir, args)
+    warmup = json.loads((run_dir / WARMUP_FILE).read_text())
+    config = config_from_yaml(run_dir / checkpointing.CONFIG_FILE)
+    boundary = stage1_end(config)
+    from enfpde.trainer import Trainer
+
+    steps = sorted(args.field_steps)
+    for s in steps:  # one training call per scored step, each ending with a checkpoint there
+        done = [r for r in checkpointing.read_metrics(run_dir) if r["stage"] == "stage2"]
+        if len(done) < s:
+            Trainer(config, run_dir, resume=True, progress=True).run(stop_after=boundary + s)
+    records = [r for r in checkpointing.read_metrics(run_dir) if r["stage"] == "stage2"]
+
+    base_records = checkpointing.read_metrics(args.base)
+    stage1_min = cumulative_seconds([r for r in base_records if r["stage"] == "stage1"], "cpu_s")[-1] / (os.cpu_count() or 1) / 60
+    field_min = cumulative_seconds(records, "cpu_s") / (os.cpu_count() or 1) / 60 if records else np.zeros(0)
+    warm_min = warmup["fit_machine_min"] + warmup["latent_machine_min"]
+    test = TrajectoryDataset.open(config.data.test)
+    cache_path = run_dir / "test_scores.json"
+    cache = {int(k): v for k, v in json.loads(cache_path.read_text()).items()} if cache_path.exists() else {}
+    rows = []
+    for s in [0] + steps:
+        if s not in cache:
+            scored = score(run_dir, boundary + s, test, config.eval.batch_size)
+            cache[s] = {"t_in": scored["model"]["t_in"], "t_out": scored["model"]["t_out"]}
+            cache_path.write_text(json.dumps(cache, indent=1))
+        minutes = stage1_min + warm_min + (float(field_min[s - 1]) if s else 0.0)
+        rows.append({"field_steps": s, "machine_min": minutes, **cache[s]})
+        print(f"after {s} field steps ({minutes:.1f} machine min): test t_in {cache[s]['t_in']:.3e}, t_out {cache[s]['t_out']:.3e}")
+
+    curve_path = RESULTS / f"{args.base.name}_test_curve.json"
+    base_curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
+    report(args, warmup, rows, base_curve, stage1_min, config)
+
+
+def describe_stage2(config) -> str:
+    tc = config.train
+    frames = (f"frames 0-{tc.stage2_frames - 1} for the first {tc.stage2_frames_steps} steps, then 0-{config.data.horizon - 1}"
+              if tc.stage2_frames and tc.stage2_frames_steps else
+              f"frames 0-{(tc.stage2_frames or config.data.horizon) - 1}")
+    return (f"{frames}; peak learning rate {tc.stage2.learning_rate:g}, {tc.stage2.warmup_steps} warmup steps, "
+            f"{tc.stage2.decay} decay over {tc.stage2.epochs} epochs")
+
+
+def report(args, warmup: dict, rows: list[dict], base_curve: list[dict], stage1_min: float, config) -> None:
+    command = (f"python experiments/latent_warmup.py {args.base} --latent-steps {args.latent_steps} --latent-batch "
+               f"{args.latent_batch} --latent-lr {args.latent_lr} --fit-points {args.fit_points} --field-steps "
+               f"{' '.join(map(str, args.field_steps))}" + (f" --override {' '.join(args.override)}" if args.override else "")
+               + f" --name {args.name}")
+    losses = np.asarray(warmup["losses"])
+    window = max(1, len(losses) // 6)
+    lines = [
+        f"# Stage 2 warm-started on latent targets, from `{args.base}`",
+        "",
+        f"Command: `{command}` (machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}).",
+        "See the docstring of experiments/latent_warmup.py for the method. Machine minutes: CPU time / cores, from",
+        f"the start of the base run (its stage 1: {stage1_min:.1f}).",
+        "",
+        f"Latent phase: {warmup['fit_points']} points per training field, targets fitted in {warmup['fit_machine_min']:.1f} machine min; "
+        f"{warmup['latent_steps']} steps of {warmup['latent_batch']} windows in {warmup['latent_machine_min']:.1f} machine min. "
+        "Mean latent loss (standardised contexts) per sixth: "
+        + ", ".join(f"{losses[i:i + window].mean():.4f}" for i in range(0, len(losses) - window + 1, window)) + ".",
+        "",
+        f"Field-space phase: the base run's stage 2 ({describe_stage2(config)}), "
+        + (f"with {', '.join(args.override)}." if args.override else "unchanged."),
+        "",
+        "| field-space stage-2 steps after the latent phase | machine min | test t_in | test t_out |",
+        "|---|---|---|---|",
+        *[f"| {r['field_steps']} | {r['machine_min']:.1f} | {r['t_in']:.3e} | {r['t_out']:.3e} |" for r in rows],
+        "",
+        "The base run (field-space stage 2 from a fresh dynamics model) at its kept checkpoints:",
+        "",
+        "| step | machine min | test t_in | test t_out |",
+        "|---|---|---|---|",
+        *[f"| {r['step']} | {r['machine_min']:.1f} | {r['model']['t_in']:.3e} | {r['model']['t_out']:.3e} |" for r in base_curve],
+        "",
+        f"![curves]({args.name}.png)",
+        "",
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "warmup": warmup, "rows": rows}, indent=1))
+    fig = _new_figure(6.4, 4.0, 100)
+    ax = fig.subplots()
+    for part, marker in (("t_in", "o"), ("t_out", "s")):
+        ax.plot([r["machine_min"] for r in rows], [r[part] for r in rows], marker=marker, label=f"latent warm start {part}")
+        if base_curve:
+            ax.plot([r["machine_min"] for r in base_curve], [r["model"][part] for r in base_curve], marker=marker,
+                    linestyle="--", label=f"base {part}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training cost (machine minutes: CPU time / cores)")
+    ax.set_ylabel("test MSE (data units)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.savefig(RESULTS / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    main()
