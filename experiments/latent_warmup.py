@@ -43,12 +43,13 @@ from enfpde import checkpointing
 from enfpde.config import config_from_yaml
 from enfpde.data.trajectories import TrajectoryDataset
 from enfpde.experiment import cumulative_seconds
+from enfpde.forecaster import Forecaster
 from enfpde.latents import Latents
 from enfpde.plotting import _new_figure
 from enfpde.rollout import rollout, solver_from_name
 from enfpde.training import default_optimizer, learning_rate_schedule
 from stage2_recipe import start_variant, stage1_end
-from test_curve import score
+from test_curve import score, score_model
 
 RESULTS = Path(__file__).parent / "results"
 WARMUP_FILE = "latent_warmup.json"  # in the run directory: the latent phase's log and cost
@@ -83,9 +84,15 @@ def fit_training_latents(trainer, fit_points: int, fields_per_call: int, seed: i
     return jax.tree.map(lambda x: x.reshape((n, f) + x.shape[1:]), z)  # host arrays: windows are gathered there
 
 
-def train_on_latents(trainer, targets: Latents, steps: int, batch_size: int, learning_rate: float, seed: int) -> list[float]:
+def train_on_latents(
+    trainer, targets: Latents, steps: int, batch_size: int, learning_rate: float, seed: int,
+    score_at: tuple[int, ...] = (), on_score=None,
+) -> tuple[list[float], dict[int, float]]:
     """Fit the dynamics so that the rollout from frame s's latents matches the contexts fitted to frames
-    s+1..s+T-1 (T = data.horizon), windows drawn at random; updates ``trainer.modules[2]`` in place."""
+    s+1..s+T-1 (T = data.horizon), windows drawn at random; updates ``trainer.modules[2]`` in place.
+
+    After each step in ``score_at``, ``on_score(step)`` runs with the dynamics updated. Returns the losses and the
+    machine minutes of latent training (scoring excluded) at each step of ``score_at`` and at the end."""
     _, _, dynamics = trainer.modules
     mc, tc = trainer.config.model, trainer.config.train
     horizon = trainer.config.data.horizon
@@ -112,7 +119,7 @@ def train_on_latents(trainer, targets: Latents, steps: int, batch_size: int, lea
 
     n, f = targets.contexts.shape[:2]
     rng = np.random.default_rng([seed, 11])
-    losses, t0 = [], machine_seconds()
+    losses, t0, scoring, minutes_at = [], machine_seconds(), 0.0, {}
     for k in range(steps):
         rows = rng.choice(n, batch_size, replace=False)
         starts = rng.integers(0, f - horizon + 1, batch_size)
@@ -125,9 +132,16 @@ def train_on_latents(trainer, targets: Latents, steps: int, batch_size: int, lea
         if not np.isfinite(losses[-1]):
             raise SystemExit(f"latent phase: non-finite loss at step {k}; lower --latent-lr.")
         if k % 250 == 0 or k == steps - 1:
-            print(f"latent step {k}: loss {losses[-1]:.4f} ({(machine_seconds() - t0) / 60:.2f} machine min)", flush=True)
+            print(f"latent step {k}: loss {losses[-1]:.4f} ({(machine_seconds() - t0 - scoring) / 60:.2f} machine min)", flush=True)
+        if k + 1 in score_at or k + 1 == steps:
+            minutes_at[k + 1] = (machine_seconds() - t0 - scoring) / 60
+        if k + 1 in score_at and on_score is not None:
+            nnx.update(dynamics, params, rest)
+            t_score = machine_seconds()
+            on_score(k + 1)
+            scoring += machine_seconds() - t_score
     nnx.update(dynamics, params, rest)
-    return losses
+    return losses, minutes_at
 
 
 def start_with_latent_warmup(base: Path, run_dir: Path, args) -> int:
@@ -147,13 +161,27 @@ def start_with_latent_warmup(base: Path, run_dir: Path, args) -> int:
             targets = fit_training_latents(trainer, args.fit_points, args.fields_per_call, trainer.config.train.seed)
             fit_min = (machine_seconds() - t0) / 60
             np.savez(cache, poses=targets.poses, contexts=targets.contexts, widths=targets.widths, fit_machine_min=fit_min)
-        t_fit = machine_seconds()
         print(f"fitted {targets.contexts.shape[0] * targets.contexts.shape[1]} training fields in {fit_min:.1f} machine min", flush=True)
-        losses = train_on_latents(trainer, targets, args.latent_steps, args.latent_batch, args.latent_lr, trainer.config.train.seed)
-        t_end = machine_seconds()
+        test = TrajectoryDataset.open(trainer.config.data.test)
+        metadata = json.loads((run_dir / checkpointing.MODEL_FILE).read_text())
+        latent_scores = {}
+
+        def on_score(step):
+            field, encoder, dynamics = nnx.clone(trainer.modules)  # the Forecaster sets evaluation-time options
+            field.chunk_size = trainer.config.model.chunk_size
+            model = Forecaster(trainer.config, metadata, field, encoder, dynamics, batch_size=trainer.config.eval.batch_size)
+            scored = score_model(model, test, trainer.config.eval.batch_size)["model"]
+            latent_scores[step] = {"t_in": scored["t_in"], "t_out": scored["t_out"]}
+            print(f"latent step {step}: test t_in {scored['t_in']:.3e}, t_out {scored['t_out']:.3e}", flush=True)
+
+        losses, minutes_at = train_on_latents(
+            trainer, targets, args.latent_steps, args.latent_batch, args.latent_lr, trainer.config.train.seed,
+            score_at=tuple(s for s in args.latent_scores if s < args.latent_steps), on_score=on_score,
+        )
         (run_dir / WARMUP_FILE).write_text(json.dumps({
             "fit_points": args.fit_points, "latent_steps": args.latent_steps, "latent_batch": args.latent_batch,
-            "latent_lr": args.latent_lr, "fit_machine_min": fit_min, "latent_machine_min": (t_end - t_fit) / 60,
+            "latent_lr": args.latent_lr, "fit_machine_min": fit_min, "latent_machine_min": minutes_at[args.latent_steps],
+            "latent_scores": [{"latent_steps": k, "latent_machine_min": minutes_at[k], **v} for k, v in sorted(latent_scores.items())],
             "losses": losses,
         }))
 
@@ -167,9 +195,11 @@ def main() -> None:
     parser.add_argument("--latent-steps", type=int, default=3000)
     parser.add_argument("--latent-batch", type=int, default=16, help="windows per latent step")
     parser.add_argument("--latent-lr", type=float, default=2e-3, help="peak learning rate of the latent phase (cosine)")
+    parser.add_argument("--latent-scores", type=int, nargs="*", default=[],
+                        help="also score the test split after these latent steps (their time is not counted)")
     parser.add_argument("--fit-points", type=int, default=1024, help="grid points each training field is fitted on")
     parser.add_argument("--fields-per-call", type=int, default=64)
-    parser.add_argument("--field-steps", type=int, nargs="+", default=[1024, 2048],
+    parser.add_argument("--field-steps", type=int, nargs="*", default=[],
                         help="field-space stage-2 steps after the latent phase at which the test split is scored")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="stage-2 settings of the field-space phase that differ from the base run's, e.g. "
@@ -201,14 +231,15 @@ def main() -> None:
     test = TrajectoryDataset.open(config.data.test)
     cache_path = run_dir / "test_scores.json"
     cache = {int(k): v for k, v in json.loads(cache_path.read_text()).items()} if cache_path.exists() else {}
-    rows = []
+    rows = [{"latent_steps": r["latent_steps"], "field_steps": 0, "machine_min": stage1_min + warmup["fit_machine_min"] + r["latent_machine_min"],
+             "t_in": r["t_in"], "t_out": r["t_out"]} for r in warmup.get("latent_scores", [])]
     for s in [0] + steps:
         if s not in cache:
             scored = score(run_dir, boundary + s, test, config.eval.batch_size)
             cache[s] = {"t_in": scored["model"]["t_in"], "t_out": scored["model"]["t_out"]}
             cache_path.write_text(json.dumps(cache, indent=1))
         minutes = stage1_min + warm_min + (float(field_min[s - 1]) if s else 0.0)
-        rows.append({"field_steps": s, "machine_min": minutes, **cache[s]})
+        rows.append({"latent_steps": warmup["latent_steps"], "field_steps": s, "machine_min": minutes, **cache[s]})
         print(f"after {s} field steps ({minutes:.1f} machine min): test t_in {cache[s]['t_in']:.3e}, t_out {cache[s]['t_out']:.3e}")
 
     curve_path = RESULTS / f"{args.base.name}_test_curve.json"
@@ -227,7 +258,8 @@ def describe_stage2(config) -> str:
 
 def report(args, warmup: dict, rows: list[dict], base_curve: list[dict], stage1_min: float, config) -> None:
     command = (f"python experiments/latent_warmup.py {args.base} --latent-steps {args.latent_steps} --latent-batch "
-               f"{args.latent_batch} --latent-lr {args.latent_lr} --fit-points {args.fit_points} --field-steps "
+               f"{args.latent_batch} --latent-lr {args.latent_lr} --fit-points {args.fit_points}"
+               + (f" --latent-scores {' '.join(map(str, args.latent_scores))}" if args.latent_scores else "") + " --field-steps "
                f"{' '.join(map(str, args.field_steps))}" + (f" --override {' '.join(args.override)}" if args.override else "")
                + f" --name {args.name}")
     losses = np.asarray(warmup["losses"])
@@ -247,9 +279,9 @@ def report(args, warmup: dict, rows: list[dict], base_curve: list[dict], stage1_
         f"Field-space phase: the base run's stage 2 ({describe_stage2(config)}), "
         + (f"with {', '.join(args.override)}." if args.override else "unchanged."),
         "",
-        "| field-space stage-2 steps after the latent phase | machine min | test t_in | test t_out |",
-        "|---|---|---|---|",
-        *[f"| {r['field_steps']} | {r['machine_min']:.1f} | {r['t_in']:.3e} | {r['t_out']:.3e} |" for r in rows],
+        "| latent steps | field-space stage-2 steps after them | machine min | test t_in | test t_out |",
+        "|---|---|---|---|---|",
+        *[f"| {r['latent_steps']} | {r['field_steps']} | {r['machine_min']:.1f} | {r['t_in']:.3e} | {r['t_out']:.3e} |" for r in rows],
         "",
         "The base run (field-space stage 2 from a fresh dynamics model) at its kept checkpoints:",
         "",

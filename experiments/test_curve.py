@@ -47,7 +47,11 @@ def checkpoint_costs(run_dir: Path) -> dict[int, dict]:
 
 def score(run_dir: Path, step: int, test: TrajectoryDataset, batch_size: int) -> dict:
     """Standard-protocol t_in / t_out of the model at ``step`` and of persistence on ``test``."""
-    model = Forecaster.load(run_dir, step=step, batch_size=batch_size)
+    return score_model(Forecaster.load(run_dir, step=step, batch_size=batch_size), test, batch_size)
+
+
+def score_model(model: Forecaster, test: TrajectoryDataset, batch_size: int) -> dict:
+    """Standard-protocol t_in / t_out of ``model`` and of persistence on ``test``."""
     result = evaluate(model, test, horizon_time=model.metadata["horizon_time"], sparse_fractions=(), shift=False, progress=False,
                       batch_size=batch_size)
     standard = result["settings"]["standard"]
