@@ -257,8 +257,9 @@ def describe_stage2(config) -> str:
 
 
 def report(args, warmup: dict, rows: list[dict], base_curve: list[dict], stage1_min: float, config) -> None:
-    command = (f"python experiments/latent_warmup.py {args.base} --latent-steps {args.latent_steps} --latent-batch "
-               f"{args.latent_batch} --latent-lr {args.latent_lr} --fit-points {args.fit_points}"
+    # The latent phase's settings are those it ran with (a later call only adds field steps and scores).
+    command = (f"python experiments/latent_warmup.py {args.base} --latent-steps {warmup['latent_steps']} --latent-batch "
+               f"{warmup['latent_batch']} --latent-lr {warmup['latent_lr']} --fit-points {warmup['fit_points']}"
                + (f" --latent-scores {' '.join(map(str, args.latent_scores))}" if args.latent_scores else "") + " --field-steps "
                f"{' '.join(map(str, args.field_steps))}" + (f" --override {' '.join(args.override)}" if args.override else "")
                + f" --name {args.name}")
