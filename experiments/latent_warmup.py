@@ -47,6 +47,7 @@ from enfpde.forecaster import Forecaster
 from enfpde.latents import Latents
 from enfpde.plotting import _new_figure
 from enfpde.rollout import rollout, solver_from_name
+from enfpde.trainer import Trainer
 from enfpde.training import default_optimizer, learning_rate_schedule
 from stage2_recipe import start_variant, stage1_end
 from test_curve import score, score_model
@@ -193,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", type=Path, help="a run whose stage 1 is finished (its checkpoint there kept)")
     parser.add_argument("--latent-steps", type=int, default=3000)
-    parser.add_argument("--latent-batch", type=int, default=16, help="windows per latent step")
+    parser.add_argument("--latent-batch", type=int, default=8, help="windows per latent step")
     parser.add_argument("--latent-lr", type=float, default=2e-3, help="peak learning rate of the latent phase (cosine)")
     parser.add_argument("--latent-scores", type=int, nargs="*", default=[],
                         help="also score the test split after these latent steps (their time is not counted)")
@@ -215,7 +216,6 @@ def main() -> None:
     warmup = json.loads((run_dir / WARMUP_FILE).read_text())
     config = config_from_yaml(run_dir / checkpointing.CONFIG_FILE)
     boundary = stage1_end(config)
-    from enfpde.trainer import Trainer
 
     steps = sorted(args.field_steps)
     for s in steps:  # one training call per scored step, each ending with a checkpoint there
