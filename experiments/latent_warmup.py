@@ -4,20 +4,22 @@ the fitted latents of frames s+1..s+T-1, with no decoder in the loss, then train
     python experiments/latent_warmup.py runs/navier_stokes_cpu_3h_layers4_released_decoder \\
         --latent-steps 3000 --field-steps 1024 2048 --name latent_warmup
 
-Why: a field-space stage-2 step decodes every frame of the window (and fits frame 0) inside the step, so with a
-large decoder it costs about 0.27 s here, while the dynamics alone cost milliseconds. The decoder and encoder are
-frozen in stage 2, so the Meta-SGD latents of every training frame can be fitted once (``--fit-points`` random
-grid points per field) and the dynamics regressed onto them (the latent autodecoding targets of DINo, here from
+Why: a field-space stage-2 step fits frame 0 on the window's training points and decodes every frame inside the
+step, and its loss reaches the dynamics only through the decoder. The decoder and encoder are frozen in stage 2,
+so the Meta-SGD latents of every training frame can be fitted once (``--fit-points`` random grid points per
+field) and the dynamics regressed onto them (the latent autodecoding targets of DINo, here from
 the frozen Meta-SGD encoder). experiments/results/navier_stokes_cpu_3h_error_budget.md measured the bound this
 aims at: frame t's Meta-SGD contexts placed at frame 0's poses decode as well as frame t's own fit, so dynamics
 that keep the fitted poses (``model.dynamics_move_poses: false``, required here) can in principle forecast as
-well as the encoder fits.
+well as the encoder fits. A latent step is not much cheaper: with 4 dynamics blocks over 64 latents a step of 8
+windows costs about 0.25 machine s here, a field-space step of 4 windows with the released decoder's parts 0.27.
 
 The run starts from the base run's decoder and encoder at the end of its stage 1 and from the base run's fresh
 dynamics initialisation (as in experiments/stage2_recipe.py), in ``<base>_s2_<name>``. The latent loss is
 the mean squared error of the contexts standardised per channel with the dynamics' own context statistics. After
-the latent steps the usual stage 2 of the base config continues (fresh optimiser, its schedule) and the test split
-is scored (standard protocol) after the latent phase alone and at each ``--field-steps``. Machine minutes count
+the latent steps the usual stage 2 of the base config may continue (``--field-steps``; fresh optimiser, its
+schedule, ``--override`` to change it) and the test split is scored (standard protocol) at each
+``--latent-scores``, after the latent phase and at each ``--field-steps``. Machine minutes count
 the fitting of the targets and the latent steps (CPU time of this process / cores) on top of the base run's
 stage 1, so the curve compares with the base run's test curve (experiments/results/<base>_test_curve.json).
 
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from enfpde.plotting import _new_figure
 from enfpde.rollout import rollout, solver_from_name
 from enfpde.trainer import Trainer
 from enfpde.training import default_optimizer, learning_rate_schedule
+from stage1_ablation import _cpu
 from stage2_recipe import start_variant, stage1_end
 from test_curve import score, score_model
 
@@ -260,15 +262,16 @@ def report(args, warmup: dict, rows: list[dict], base_curve: list[dict], stage1_
     # The latent phase's settings are those it ran with (a later call only adds field steps and scores).
     command = (f"python experiments/latent_warmup.py {args.base} --latent-steps {warmup['latent_steps']} --latent-batch "
                f"{warmup['latent_batch']} --latent-lr {warmup['latent_lr']} --fit-points {warmup['fit_points']}"
-               + (f" --latent-scores {' '.join(map(str, args.latent_scores))}" if args.latent_scores else "") + " --field-steps "
-               f"{' '.join(map(str, args.field_steps))}" + (f" --override {' '.join(args.override)}" if args.override else "")
+               + "".join(f" --{flag} {' '.join(map(str, values))}" for flag, values in
+                         (("latent-scores", args.latent_scores), ("field-steps", args.field_steps), ("override", args.override))
+                         if values)
                + f" --name {args.name}")
     losses = np.asarray(warmup["losses"])
     window = max(1, len(losses) // 6)
     lines = [
         f"# Stage 2 warm-started on latent targets, from `{args.base}`",
         "",
-        f"Command: `{command}` (machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}).",
+        f"Command: `{command}` (machine: {_cpu()}, {os.cpu_count()} cores, jax {jax.__version__}).",
         "See the docstring of experiments/latent_warmup.py for the method. Machine minutes: CPU time / cores, from",
         f"the start of the base run (its stage 1: {stage1_min:.1f}).",
         "",
