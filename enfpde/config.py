@@ -162,6 +162,28 @@ class StageConfig:
         return self.warmup_steps == 0 and self.decay == "constant"
 
 
+STAGE2_TARGETS = ("fields", "latents")
+
+
+@dataclasses.dataclass
+class LatentTargetsConfig:
+    """Stage 2 on latent targets (``train.stage2_targets: latents``, :mod:`enfpde.latent_targets`).
+
+    ``points``: random grid points each training frame is fitted on (one draw per ``fields_per_call`` frames);
+    ``batch_size``: windows per stage-2 step (a latent step costs no decoding, so it can take more windows
+    than a field-space step of ``train.batch_size`` trajectories).
+    """
+
+    points: int = 1024
+    batch_size: int = 8
+    fields_per_call: int = 64
+
+    def __post_init__(self):
+        for name in ("points", "batch_size", "fields_per_call"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.latent_targets.{name} must be >= 1, found {getattr(self, name)}.")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """The two-stage schedule (REFERENCE section 1) and the loop's bookkeeping.
@@ -187,6 +209,12 @@ class TrainConfig:
     # pure function of seed and step); None: all num_points. Lets stage 1 draw from the whole grid (the released
     # sampling, model.inner_points / model.outer_points) while the dynamics stages decode a few hundred points.
     stage2_points: Optional[int] = None
+    # What stage 2 regresses the dynamics onto: "fields" (the decoded trajectory against the data, the paper's
+    # loss) or "latents" (the Meta-SGD latents of every training frame, fitted once when stage 2 starts; the
+    # contexts of frames s+1.. against the rollout from frame s's latents, no decoding; needs
+    # model.dynamics_move_poses: false). The joint stage trains on fields either way.
+    stage2_targets: str = "fields"
+    latent_targets: LatentTargetsConfig = dataclasses.field(default_factory=LatentTargetsConfig)
     stage1: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(400, 1e-4))
     stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(1600, 1e-3))
     joint: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(0, 1e-5))
@@ -204,6 +232,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
+
+    def __post_init__(self):
+        if self.stage2_targets not in STAGE2_TARGETS:
+            raise ConfigError(f"train.stage2_targets must be one of {list(STAGE2_TARGETS)}, found {self.stage2_targets!r}.")
 
 
 @dataclasses.dataclass

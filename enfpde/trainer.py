@@ -1,7 +1,8 @@
 """The training loop: two stages (and an optional joint one), checkpoints, resume, metrics, progress.
 
 One global step counter runs through the stages: stage 1 (decoder + Meta-SGD step sizes, reconstruction of
-every horizon frame), stage 2 (dynamics only, trajectory loss from frame 0), then joint fine-tuning
+every horizon frame), stage 2 (dynamics only, trajectory loss from frame 0, or the rollout of fitted latents
+against the latents of later frames: ``train.stage2_targets``, :mod:`enfpde.latent_targets`), then joint fine-tuning
 (everything, trajectory loss). Each stage has its own AdamW state. The batch and the random key of a step
 are pure functions of ``(seed, step)``, so a run killed at any moment and resumed from its last checkpoint
 continues exactly the sequence an uninterrupted run would have followed.
@@ -36,6 +37,7 @@ from enfpde.data.augmentation import check_quarter_turn_data, quarter_turn_permu
 from enfpde.data.trajectories import BatchSampler, Normalizer, TrajectoryDataset, save_json_atomic
 from enfpde.forecaster import build_modules, make_geometry
 from enfpde.geometry import LatLonBox, Torus
+from enfpde.latent_targets import context_scale, fit_latent_targets, latent_windows, make_latent_stage2_step
 from enfpde.rollout import solver_from_name
 from enfpde.training import (
     NeuralFieldAutoencoder,
@@ -199,6 +201,8 @@ class Trainer:
         # num_points and num_microbatches bound training memory; model.chunk_size bounds gradient-free decoding.
         self.modules[0].chunk_size = None
         self.has_missing = not bool(self.sampler.mask.all())  # over the frames the sampler draws from
+        self._check_latent_targets()
+        self.latent_targets = None  # train.stage2_targets = latents: fitted when stage 2 starts (or resumes)
         self.schedule = Schedule(self.sampler.steps_per_epoch, (tc.stage1.epochs, tc.stage2.epochs, tc.joint.epochs))
         times = self.train_data.times[:horizon]
         self.times = jnp.asarray((times - times[0]) / config.model.time_unit, jnp.float32)
@@ -356,6 +360,57 @@ class Trainer:
             mask = np.take_along_axis(mask, idx.reshape(b, k, *([1] * (mask.ndim - 2))), axis=1)
         return values.reshape((b * k,) + values.shape[2:]), mask.reshape((b * k,) + mask.shape[2:])
 
+    @property
+    def stage2_on_latents(self) -> bool:
+        return self.config.train.stage2_targets == "latents"
+
+    def _check_latent_targets(self) -> None:
+        if not self.stage2_on_latents:
+            return
+        lt, mc = self.config.train.latent_targets, self.config.model
+        if mc.dynamics_move_poses:
+            raise ConfigError(
+                "train.stage2_targets = 'latents' needs model.dynamics_move_poses: false: the targets are the contexts "
+                "fitted at the initial poses, which moving poses would leave behind."
+            )
+        if self.has_missing:
+            raise ConfigError(
+                f"train.stage2_targets = 'latents' needs training data without missing values; {self.config.data.train} "
+                f"has some. Use train.stage2_targets: fields."
+            )
+        if lt.batch_size % len(self.devices):
+            raise ConfigError(
+                f"train.latent_targets.batch_size = {lt.batch_size} must be divisible by the {len(self.devices)} devices "
+                f"used for data parallelism."
+            )
+
+    def _fit_latent_targets(self) -> None:
+        """The latents of every frame the sampler draws from, fitted with the frozen stage-1 model (a pure
+        function of it and the seed, so a resumed run fits the same ones again: a few minutes, not stored)."""
+        lt = self.config.train.latent_targets
+        field, encoder, dynamics = self.modules
+        if self.progress and distributed.is_main_process():
+            tqdm.write(f"fitting the latents of {self.sampler.values.shape[0] * self.sampler.values.shape[1]} training "
+                       f"frames on {lt.points} points each (train.stage2_targets = latents)")
+        self.latent_targets = fit_latent_targets(
+            field, encoder, self.geometry.coords_from_user(self.sampler.coords), self.sampler.values,
+            points=lt.points, fields_per_call=lt.fields_per_call, seed=self.config.train.seed,
+            progress=self.progress and distributed.is_main_process(),
+        )
+        self.latent_scale = self._replicate(jnp.asarray(context_scale(dynamics, self.latent_targets)))
+
+    def _latent_batch(self, step: int, frames: int) -> tuple:
+        """This process's windows of the latent stage-2 batch of ``step``: random trajectories and start frames (a
+        pure function of ``(seed, step)``), from frame 0 only unless ``train.random_windows``."""
+        n, f = self.latent_targets.contexts.shape[:2]
+        lt = self.config.train.latent_targets
+        rng = np.random.default_rng([self.config.train.seed, 6, step])
+        rows = rng.choice(n, lt.batch_size, replace=lt.batch_size > n)
+        last_start = f - frames if self.config.train.random_windows else 0
+        starts = rng.integers(0, last_start + 1, lt.batch_size)
+        mine = distributed.process_rows(lt.batch_size)
+        return latent_windows(self.latent_targets, rows[mine], starts[mine], frames)
+
     def _stage2_frames(self, step: int) -> int:
         """Frames of each window that the dynamics stages train on at global ``step``: ``train.stage2_frames``
         (for the first ``train.stage2_frames_steps`` steps of stage 2 when that is set), else ``data.horizon``."""
@@ -394,6 +449,7 @@ class Trainer:
         self.step2, s2, _, _ = make_stage2_step(
             field, encoder, dynamics, self._optimizer(tc.stage2), solver=solver, dt0=mc.dt0
         )
+        self.step2_latents = make_latent_stage2_step(dynamics, self._optimizer(tc.stage2), solver=solver, dt0=mc.dt0)
         self.step3, s3, _ = make_joint_step(field, encoder, dynamics, self._optimizer(tc.joint), solver=solver, dt0=mc.dt0)
         self.opt_states = {"stage1": s1.opt_state, "stage2": s2.opt_state, "joint": s3.opt_state}
 
@@ -524,6 +580,29 @@ class Trainer:
         target = {"stage1": self.autoencoder, "stage2": self.modules[2], "joint": self.modules}[stage]
         nnx.update(target, params, rest)
 
+    def _field_step(self, stage: str, step: int, params, opt_state, rest, frozen, rows: slice, times, key):
+        """One step of ``stage`` on the fields of the step's batch (this process's ``rows`` of it); ``times``: the
+        lead times of the frames the dynamics stages train on. Returns ``(params, opt_state, loss)``."""
+        shard = lambda x: distributed.shard_rows(x, self.mesh)
+        batch = self.sampler(step, rows=rows)
+        key = self._replicate(key)
+        mask = None
+        if stage == "stage1":
+            values, fields_mask = self._stage1_frames(batch.values, batch.mask, step, rows)
+            if self.has_missing:
+                mask = shard(fields_mask)
+            coords = self._replicate(self.geometry.coords_from_user(batch.coords))
+            return self.step1(params, opt_state, rest, coords, shard(values), key, mask)
+        frames = times.shape[0]
+        points = self._stage2_points(step, batch.coords.shape[0])
+        coords = self._replicate(self.geometry.coords_from_user(batch.coords[points]))
+        values = shard(batch.values[:, :frames, points])
+        if self.has_missing:
+            mask = shard(batch.mask[:, :frames, points])
+        if stage == "stage2":
+            return self.step2(params, opt_state, rest, frozen, coords, values, times, key, mask)
+        return self.step3(params, opt_state, rest, coords, values, times, key, mask)
+
     def _loop(self, manager, start: int, end: int) -> None:
         tc = self.config.train
         main = distributed.is_main_process()  # logs and shows progress; every process trains
@@ -547,37 +626,28 @@ class Trainer:
                     stage = new_stage
                     if stage == "stage2" and step == self.schedule.boundaries[0]:
                         self._set_context_statistics(step)
+                    if stage == "stage2" and self.stage2_on_latents:
+                        self._fit_latent_targets()
                     params, rest = self._stage_params(stage)
                     params, rest = self._replicate(params), self._replicate(rest)
                     opt_state = self._replicate(self.opt_states[stage])
                     if stage == "stage2":
                         frozen = self._replicate(nnx.state((self.modules[0], self.modules[1])))
                     bar.set_description(stage)
-                batch = self.sampler(step, rows=rows)
-                key = self._replicate(jax.random.fold_in(base_key, step))
-                coords = self._replicate(self.geometry.coords_from_user(batch.coords))
-                mask = None
                 shard = lambda x: distributed.shard_rows(x, self.mesh)
-                if stage == "stage1":
-                    values, fields_mask = self._stage1_frames(batch.values, batch.mask, step, rows)
-                    values = shard(values)
-                    if self.has_missing:
-                        mask = shard(fields_mask)
-                    params, opt_state, loss = self.step1(params, opt_state, rest, coords, values, key, mask)
+                frames2 = self._stage2_frames(step)
+                if frames2 not in times_for:
+                    times_for[frames2] = self._replicate(self.times[:frames2])
+                times = times_for[frames2]
+                if stage == "stage2" and self.stage2_on_latents:  # no fields to draw: windows of the fitted latents
+                    z0, target_contexts = self._latent_batch(step, frames2)
+                    params, opt_state, loss = self.step2_latents(
+                        params, opt_state, rest, jax.tree.map(shard, z0), shard(target_contexts), times, self.latent_scale
+                    )
                 else:
-                    frames2 = self._stage2_frames(step)
-                    if frames2 not in times_for:
-                        times_for[frames2] = self._replicate(self.times[:frames2])
-                    times = times_for[frames2]
-                    points = self._stage2_points(step, batch.coords.shape[0])
-                    coords = self._replicate(self.geometry.coords_from_user(batch.coords[points]))
-                    values = shard(batch.values[:, :frames2, points])
-                    if self.has_missing:
-                        mask = shard(batch.mask[:, :frames2, points])
-                    if stage == "stage2":
-                        params, opt_state, loss = self.step2(params, opt_state, rest, frozen, coords, values, times, key, mask)
-                    else:
-                        params, opt_state, loss = self.step3(params, opt_state, rest, coords, values, times, key, mask)
+                    params, opt_state, loss = self._field_step(
+                        stage, step, params, opt_state, rest, frozen, rows, times, jax.random.fold_in(base_key, step)
+                    )
                 loss = float(distributed.to_host(loss))
                 epoch = step // self.schedule.steps_per_epoch
                 if not math.isfinite(loss):

@@ -1,0 +1,128 @@
+"""Latent targets for the dynamics stage (``train.stage2_targets: latents``).
+
+The decoder and the Meta-SGD encoder are frozen in stage 2, so the latents of every training frame can be
+fitted once, and the dynamics regressed onto them: the rollout from frame s's latents should reach the contexts
+fitted to frames s+1, s+2, ... (the latent-space targets of DINo's autodecoding, here from the frozen Meta-SGD
+encoder). A step then decodes nothing and its loss reaches the dynamics directly instead of through the
+decoder. The poses stay where frame s's fit put them (``model.dynamics_move_poses: false``): the fits of later
+frames start from the same initial poses, so only their contexts are targets.
+
+experiments/results/latent_only_6000.md measured it against the decoded-trajectory loss on Navier-Stokes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from enfpde.encoder import MetaSGDEncoder
+from enfpde.field import EquivariantNeuralField
+from enfpde.latents import Latents
+from enfpde.rollout import rollout
+
+Array = jax.Array
+
+
+def fit_latent_targets(
+    field: EquivariantNeuralField,
+    encoder: MetaSGDEncoder,
+    coords: Array,
+    values: np.ndarray,
+    *,
+    points: int,
+    fields_per_call: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+) -> Latents:
+    """Meta-SGD latents of every frame of every trajectory.
+
+    Args:
+        field, encoder: the frozen decoder and encoder.
+        coords: ``[M, D]`` model coordinates of the points (``geometry.coords_from_user``).
+        values: ``[N, F, M, C]`` normalised values of N trajectories of F frames, no missing values.
+        points: each call of ``fields_per_call`` fields is fitted on this many random points of the M (all when
+            M is smaller), drawn from ``numpy.random.default_rng(seed)``.
+
+    Returns:
+        Latents with batch ``[N, F]``, as host (numpy) arrays: windows are gathered from them on the host.
+    """
+    n, f, m, c = values.shape
+    flat = values.reshape(n * f, m, c)
+    coords = np.asarray(coords)
+    rng = np.random.default_rng(seed)
+
+    @nnx.jit
+    def fit(field, encoder, coords, values, key):
+        return encoder(field, coords, values, key=key)
+
+    parts = []
+    starts = range(0, n * f, fields_per_call)
+    for start in tqdm(starts, desc="latent targets", unit="call", disable=not progress, leave=False):
+        idx = np.sort(rng.choice(m, min(points, m), replace=False))
+        chunk = jnp.asarray(flat[start : start + fields_per_call][:, idx])
+        parts.append(fit(field, encoder, jnp.asarray(coords[idx]), chunk, jax.random.key(start)))
+    z = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
+    return jax.tree.map(lambda x: x.reshape((n, f) + x.shape[1:]), z)
+
+
+def latent_windows(targets: Latents, rows: np.ndarray, starts: np.ndarray, frames: int) -> tuple[Latents, np.ndarray]:
+    """The windows ``starts[b] .. starts[b] + frames - 1`` of trajectories ``rows [B]`` of ``targets [N, F]``.
+
+    Returns ``(z0, target_contexts)``: frame s's latents (batch ``[B]``) and the contexts of the window's later
+    frames, ``[B, frames - 1, L, latent_dim]``."""
+    idx = starts[:, None] + np.arange(frames)  # [B, frames]
+    window = jax.tree.map(lambda x: x[rows[:, None], idx], targets)
+    z0 = jax.tree.map(lambda x: x[:, 0], window)
+    return z0, window.contexts[:, 1:]
+
+
+def latent_trajectory_loss(
+    dynamics: nnx.Module,
+    z0: Latents,
+    target_contexts: Array,
+    times: Array,
+    scale: Array,
+    *,
+    solver: diffrax.AbstractSolver | None = None,
+    dt0: float | None = 1.0,
+) -> Array:
+    """Mean squared error of the rolled-out contexts at ``times[1:]`` against ``target_contexts [B, T-1, L, d]``,
+    each channel divided by ``scale [d]`` (the spread of the contexts, so that every channel counts alike)."""
+    z = rollout(dynamics, z0, times, solver=solver, dt0=dt0)  # [T, B]
+    return jnp.mean(((jnp.swapaxes(z.contexts[1:], 0, 1) - target_contexts) / scale) ** 2)
+
+
+def context_scale(dynamics: nnx.Module, targets: Latents) -> np.ndarray:
+    """Per-channel scale of the latent loss: the dynamics' context statistics when it standardises its inputs
+    (the Trainer sets them at the start of stage 2), else the standard deviation of the targets' contexts."""
+    if getattr(dynamics, "context_std", None) is not None:
+        return np.asarray(dynamics.context_std[...])
+    flat = targets.contexts.reshape(-1, targets.contexts.shape[-1])
+    std = flat.std(axis=0)
+    return np.maximum(std, 1e-6 * std.mean() + 1e-12).astype(np.float32)
+
+
+def make_latent_stage2_step(dynamics: nnx.Module, optimizer, *, solver=None, dt0: float | None = 1.0) -> Callable:
+    """A jitted stage-2 step on latent targets that updates only the dynamics:
+    ``step(params, opt_state, rest, z0 [B], target_contexts [B, T-1, L, d], times [T], scale [d])
+    -> (params, opt_state, loss)``, with ``params, rest = nnx.split(dynamics, nnx.Param, ...)[1:]``."""
+    graphdef = nnx.split(dynamics, nnx.Param, ...)[0]
+
+    def loss_fn(params, rest, z0, target_contexts, times, scale):
+        model = nnx.merge(graphdef, params, rest)
+        return latent_trajectory_loss(model, z0, target_contexts, times, scale, solver=solver, dt0=dt0)
+
+    @jax.jit
+    def step(params, opt_state, rest, z0, target_contexts, times, scale):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, z0, target_contexts, times, scale)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step

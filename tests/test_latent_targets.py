@@ -1,0 +1,128 @@
+"""Stage 2 on latent targets (``train.stage2_targets: latents``, enfpde.latent_targets)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from enfpde import checkpointing
+from enfpde.config import ConfigError, load_config
+from enfpde.forecaster import Forecaster
+from enfpde.geometry import Torus
+from enfpde.latent_targets import fit_latent_targets, latent_trajectory_loss, latent_windows
+from enfpde.latents import Latents
+from enfpde.trainer import Trainer
+
+
+class ConstantVelocity(nnx.Module):
+    """Contexts moving at a fixed rate ``velocity [d]``, poses and widths still."""
+
+    move_poses = False
+
+    def __init__(self, velocity):
+        self.geometry = Torus()
+        self.velocity = jnp.asarray(velocity, jnp.float32)
+
+    def __call__(self, z):
+        return Latents(jnp.zeros_like(z.poses), jnp.broadcast_to(self.velocity, z.contexts.shape), jnp.zeros_like(z.widths))
+
+
+def test_the_latent_loss_is_the_scaled_error_of_the_rolled_out_contexts():
+    """Under a constant velocity, Euler is exact: targets on the line give 0, targets off it by ``delta`` give
+    ``mean((delta / scale)^2)``."""
+    rng = np.random.default_rng(0)
+    b, n, d = 3, 5, 2
+    z0 = Latents(jnp.asarray(rng.uniform(size=(b, n, 2)), jnp.float32), jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32),
+                 jnp.full((b, n), 0.1, jnp.float32))
+    velocity, scale, times = np.array([0.5, -2.0]), jnp.asarray([2.0, 4.0]), jnp.arange(4.0)
+    on_line = z0.contexts[:, None] + velocity * times[1:, None, None]  # [B, T-1, N, d]
+    dynamics = ConstantVelocity(velocity)
+    assert float(latent_trajectory_loss(dynamics, z0, on_line, times, scale)) == pytest.approx(0.0, abs=1e-10)
+    delta = jnp.asarray([1.0, 2.0])
+    loss = latent_trajectory_loss(dynamics, z0, on_line + delta, times, scale)
+    assert float(loss) == pytest.approx(np.mean((np.asarray(delta) / np.asarray(scale)) ** 2), rel=1e-5)
+
+
+def test_windows_are_gathered_from_the_right_trajectories_and_frames():
+    n, f = 3, 6
+    contexts = (100.0 * np.arange(n)[:, None] + np.arange(f)[None])[:, :, None, None]  # [N, F, L=1, d=1]: 100 n + f
+    targets = Latents(np.zeros((n, f, 1, 2)), contexts, np.zeros((n, f, 1)))
+    z0, later = latent_windows(targets, np.array([2, 0]), np.array([1, 3]), frames=3)
+    assert z0.contexts[:, 0, 0].tolist() == [201.0, 3.0]
+    assert later.shape == (2, 2, 1, 1)
+    assert later[:, :, 0, 0].tolist() == [[202.0, 203.0], [4.0, 5.0]]
+
+
+def test_the_targets_are_the_encoders_fit_of_each_frame(tiny_config, tiny_data, tmp_path):
+    """With every point and no inner subsets, target [n, f] is the encoder's fit of trajectory n's frame f."""
+    trainer = Trainer(tiny_config, tmp_path / "run", progress=False)
+    field, encoder, _ = trainer.modules
+    coords = trainer.geometry.coords_from_user(trainer.sampler.coords)
+    values = trainer.sampler.values  # [N, F, M, C]
+    targets = fit_latent_targets(field, encoder, coords, values, points=10**6, fields_per_call=5)
+    n, f = values.shape[:2]
+    assert targets.contexts.shape[:2] == (n, f)
+    direct = encoder(field, coords, jnp.asarray(values[2]))  # trajectory 2, every frame
+    np.testing.assert_allclose(targets.contexts[2], np.asarray(direct.contexts), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(targets.poses[2], np.asarray(direct.poses), rtol=1e-5, atol=1e-6)
+
+
+def _latent_config(tiny_config, **train_changes):
+    train = dataclasses.replace(
+        tiny_config.train, stage2_targets="latents", stage1=dataclasses.replace(tiny_config.train.stage1, epochs=1),
+        stage2=dataclasses.replace(tiny_config.train.stage2, epochs=3, learning_rate=3e-3), checkpoint_every=1,
+        keep_checkpoints=20, **train_changes,
+    )
+    model = dataclasses.replace(tiny_config.model, dynamics_move_poses=False)
+    return dataclasses.replace(tiny_config, train=train, model=model)
+
+
+def test_stage2_on_latents_trains_the_dynamics_and_resumes_exactly(tiny_config, tmp_path):
+    """A run with latent targets: the dynamics change, only they change, the forecaster loads; a run stopped in
+    stage 2 and resumed (refitting the targets) continues the same losses to the same parameters."""
+    config = _latent_config(tiny_config, latent_targets=dataclasses.replace(tiny_config.train.latent_targets, batch_size=3))
+    whole = tmp_path / "whole"
+    Trainer(config, whole, progress=False).run()
+    records = checkpointing.read_metrics(whole)
+    boundary = sum(r["stage"] == "stage1" for r in records)
+    stage2 = [r["loss"] for r in records if r["stage"] == "stage2"]
+    assert len(stage2) == 6 and all(np.isfinite(stage2))
+
+    def state_at(step):
+        forecaster = Forecaster.load(whole, step=step)
+        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(forecaster.modules[:2]))], forecaster.modules[2]
+
+    frozen_before, dynamics_before = state_at(boundary)
+    frozen_after, dynamics_after = state_at(boundary + 6)
+    for x, y in zip(frozen_before, frozen_after):
+        np.testing.assert_array_equal(x, y)  # decoder and encoder untouched
+    moved = [not np.allclose(x, y) for x, y in zip(jax.tree.leaves(nnx.state(dynamics_before, nnx.Param)),
+                                                  jax.tree.leaves(nnx.state(dynamics_after, nnx.Param)))]
+    assert any(moved)
+
+    split = tmp_path / "split"
+    Trainer(config, split, progress=False).run(stop_after=boundary + 2)
+    Trainer(config, split, resume=True, progress=False).run()
+    np.testing.assert_allclose([r["loss"] for r in checkpointing.read_metrics(split)], [r["loss"] for r in records], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(nnx.state(Forecaster.load(split).modules)), jax.tree.leaves(nnx.state(Forecaster.load(whole).modules))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_latent_targets_need_fixed_poses(tiny_config, tmp_path):
+    config = _latent_config(tiny_config)
+    moving = dataclasses.replace(config, model=dataclasses.replace(config.model, dynamics_move_poses=True))
+    with pytest.raises(ConfigError, match="dynamics_move_poses: false"):
+        Trainer(moving, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stage2_targets=decoded", r"stage2_targets must be one of \['fields', 'latents'\], found 'decoded'"),
+    ("train.latent_targets.points=0", r"latent_targets.points must be >= 1, found 0"),
+])
+def test_bad_latent_target_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
