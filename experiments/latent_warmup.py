@@ -37,7 +37,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from enfpde import checkpointing
@@ -45,9 +44,10 @@ from enfpde.config import config_from_yaml
 from enfpde.data.trajectories import TrajectoryDataset
 from enfpde.experiment import cumulative_seconds
 from enfpde.forecaster import Forecaster
+from enfpde.latent_targets import context_scale, fit_latent_targets, latent_windows, make_latent_stage2_step
 from enfpde.latents import Latents
 from enfpde.plotting import _new_figure
-from enfpde.rollout import rollout, solver_from_name
+from enfpde.rollout import solver_from_name
 from enfpde.trainer import Trainer
 from enfpde.training import default_optimizer, learning_rate_schedule
 from stage1_ablation import _cpu
@@ -64,35 +64,13 @@ def machine_seconds() -> float:
     return time.process_time() / (os.cpu_count() or 1)
 
 
-def fit_training_latents(trainer, fit_points: int, fields_per_call: int, seed: int) -> Latents:
-    """Meta-SGD latents of every frame of every training trajectory, each fitted on ``fit_points`` random grid
-    points (one draw per call of ``fields_per_call`` fields). Returns Latents with batch ``[N, F]``."""
-    field, encoder, _ = trainer.modules
-    values = trainer.sampler.values  # [N, F, M, C], normalised
-    n, f, m, c = values.shape
-    flat = values.reshape(n * f, m, c)
-    coords = np.asarray(trainer.geometry.coords_from_user(trainer.sampler.coords))
-    rng = np.random.default_rng(seed)
-
-    @nnx.jit
-    def fit(field, encoder, coords, values, key):
-        return encoder(field, coords, values, key=key)
-
-    parts = []
-    for start in range(0, n * f, fields_per_call):
-        idx = np.sort(rng.choice(m, min(fit_points, m), replace=False))
-        chunk = jnp.asarray(flat[start : start + fields_per_call][:, idx])
-        parts.append(fit(field, encoder, jnp.asarray(coords[idx]), chunk, jax.random.key(start)))
-    z = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
-    return jax.tree.map(lambda x: x.reshape((n, f) + x.shape[1:]), z)  # host arrays: windows are gathered there
-
-
 def train_on_latents(
     trainer, targets: Latents, steps: int, batch_size: int, learning_rate: float, seed: int,
     score_at: tuple[int, ...] = (), on_score=None,
 ) -> tuple[list[float], dict[int, float]]:
     """Fit the dynamics so that the rollout from frame s's latents matches the contexts fitted to frames
-    s+1..s+T-1 (T = data.horizon), windows drawn at random; updates ``trainer.modules[2]`` in place.
+    s+1..s+T-1 (T = data.horizon), windows drawn at random; updates ``trainer.modules[2]`` in place. The step and
+    loss are the Trainer's (``train.stage2_targets: latents``); the schedule is this script's own.
 
     After each step in ``score_at``, ``on_score(step)`` runs with the dynamics updated. Returns the losses and the
     machine minutes of latent training (scoring excluded) at each step of ``score_at`` and at the end."""
@@ -100,25 +78,14 @@ def train_on_latents(
     mc, tc = trainer.config.model, trainer.config.train
     horizon = trainer.config.data.horizon
     times = trainer.times[:horizon]
-    solver = solver_from_name(mc.solver)
-    std = jnp.asarray(dynamics.context_std[...])
-    graphdef, params, rest = nnx.split(dynamics, nnx.Param, ...)
+    scale = jnp.asarray(context_scale(dynamics, targets))
+    _, params, rest = nnx.split(dynamics, nnx.Param, ...)
     optimizer = default_optimizer(
         learning_rate_schedule(learning_rate, steps, warmup_steps=50, decay="cosine", final_fraction=0.02),
         tc.clip_norm, tc.weight_decay,
     )
     opt_state = optimizer.init(params)
-
-    def loss_fn(params, rest, z0, target_contexts):
-        model = nnx.merge(graphdef, params, rest)
-        z = rollout(model, z0, times, solver=solver, dt0=mc.dt0)  # [T, B]
-        return jnp.mean(((z.contexts[1:] - target_contexts) / std) ** 2)
-
-    @jax.jit
-    def step(params, opt_state, rest, z0, target_contexts):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, z0, target_contexts)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    step = make_latent_stage2_step(dynamics, optimizer, solver=solver_from_name(mc.solver), dt0=mc.dt0)
 
     n, f = targets.contexts.shape[:2]
     rng = np.random.default_rng([seed, 11])
@@ -126,11 +93,8 @@ def train_on_latents(
     for k in range(steps):
         rows = rng.choice(n, batch_size, replace=False)
         starts = rng.integers(0, f - horizon + 1, batch_size)
-        frames = starts[:, None] + np.arange(horizon)  # [B, T]
-        window = jax.tree.map(lambda x: x[rows[:, None], frames], targets)  # [B, T, ...]
-        z0 = jax.tree.map(lambda x: x[:, 0], window)
-        target_contexts = jnp.swapaxes(window.contexts[:, 1:], 0, 1)  # [T-1, B, L, d]
-        params, opt_state, loss = step(params, opt_state, rest, z0, target_contexts)
+        z0, target_contexts = latent_windows(targets, rows, starts, horizon)
+        params, opt_state, loss = step(params, opt_state, rest, z0, target_contexts, times, scale)
         losses.append(float(loss))
         if not np.isfinite(losses[-1]):
             raise SystemExit(f"latent phase: non-finite loss at step {k}; lower --latent-lr.")
@@ -161,7 +125,11 @@ def start_with_latent_warmup(base: Path, run_dir: Path, args) -> int:
             with np.load(cache) as saved:
                 targets, fit_min = Latents(saved["poses"], saved["contexts"], saved["widths"]), float(saved["fit_machine_min"])
         else:
-            targets = fit_training_latents(trainer, args.fit_points, args.fields_per_call, trainer.config.train.seed)
+            field, encoder, _ = trainer.modules
+            targets = fit_latent_targets(
+                field, encoder, trainer.geometry.coords_from_user(trainer.sampler.coords), trainer.sampler.values,
+                points=args.fit_points, fields_per_call=args.fields_per_call, seed=trainer.config.train.seed,
+            )
             fit_min = (machine_seconds() - t0) / 60
             np.savez(cache, poses=targets.poses, contexts=targets.contexts, widths=targets.widths, fit_machine_min=fit_min)
         print(f"fitted {targets.contexts.shape[0] * targets.contexts.shape[1]} training fields in {fit_min:.1f} machine min", flush=True)
