@@ -386,14 +386,20 @@ class Trainer:
 
     def _fit_latent_targets(self) -> None:
         """The latents of every frame the sampler draws from, fitted with the frozen stage-1 model (a pure
-        function of it and the seed, so a resumed run fits the same ones again: a few minutes, not stored)."""
+        function of it and the seed, so a resumed run fits the same ones again: a few minutes, not stored).
+
+        With ``train.augment`` the targets hold every symmetry's copy of each trajectory, symmetry-major
+        (``[K * N, F]``): the dynamics see K times the trajectories, for K times the fitting cost."""
         lt = self.config.train.latent_targets
         field, encoder, dynamics = self.modules
+        values = self.sampler.values  # [N, F, M, C]
+        if self.sampler.permutations is not None:
+            values = np.concatenate([values[:, :, perm] for perm in self.sampler.permutations])
         if self.progress and distributed.is_main_process():
-            tqdm.write(f"fitting the latents of {self.sampler.values.shape[0] * self.sampler.values.shape[1]} training "
-                       f"frames on {lt.points} points each (train.stage2_targets = latents)")
+            tqdm.write(f"fitting the latents of {values.shape[0] * values.shape[1]} training frames on {lt.points} "
+                       f"points each (train.stage2_targets = latents)")
         self.latent_targets = fit_latent_targets(
-            field, encoder, self.geometry.coords_from_user(self.sampler.coords), self.sampler.values,
+            field, encoder, self.geometry.coords_from_user(self.sampler.coords), values,
             points=lt.points, fields_per_call=lt.fields_per_call, seed=self.config.train.seed,
             progress=self.progress and distributed.is_main_process(),
         )

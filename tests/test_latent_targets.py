@@ -70,6 +70,21 @@ def test_the_targets_are_the_encoders_fit_of_each_frame(tiny_config, tiny_data, 
     np.testing.assert_allclose(targets.poses[2], np.asarray(direct.poses), rtol=1e-5, atol=1e-6)
 
 
+def test_with_quarter_turns_the_targets_hold_every_turned_copy(tiny_config, tmp_path):
+    """train.augment = quarter_turns: targets [4 N, F], copy k of trajectory n fitted to n turned k times."""
+    config = _latent_config(tiny_config, augment="quarter_turns",
+                            latent_targets=dataclasses.replace(tiny_config.train.latent_targets, points=10**6))
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer._fit_latent_targets()
+    values, turns = trainer.sampler.values, trainer.sampler.permutations
+    n, f = values.shape[:2]
+    assert trainer.latent_targets.contexts.shape[:2] == (4 * n, f)
+    field, encoder, _ = trainer.modules
+    turned = encoder(field, trainer.geometry.coords_from_user(trainer.sampler.coords), jnp.asarray(values[1][:, turns[3]]))
+    np.testing.assert_allclose(trainer.latent_targets.contexts[3 * n + 1], np.asarray(turned.contexts), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(trainer.latent_targets.contexts[1], trainer.latent_targets.contexts[3 * n + 1], atol=1e-3)
+
+
 def _latent_config(tiny_config, **train_changes):
     train = dataclasses.replace(
         tiny_config.train, stage2_targets="latents", stage1=dataclasses.replace(tiny_config.train.stage1, epochs=1),
