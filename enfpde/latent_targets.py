@@ -12,6 +12,10 @@ experiments/results/latent_only_6000.md measured it against the decoded-trajecto
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Callable
 
 import diffrax
@@ -70,6 +74,34 @@ def fit_latent_targets(
         parts.append(fit(field, encoder, jnp.asarray(coords[idx]), chunk, jax.random.key(start)))
     z = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
     return jax.tree.map(lambda x: x.reshape((n, f) + x.shape[1:]), z)
+
+
+def targets_fingerprint(field: EquivariantNeuralField, encoder: MetaSGDEncoder, values: np.ndarray, **settings) -> str:
+    """A digest of everything the targets depend on: the decoder's and encoder's variables, the normalised
+    ``values`` and the fitting ``settings`` (points, fields per call, seed, ...)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for leaf in jax.tree.leaves(nnx.state((field, encoder))):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    digest.update(str(values.shape).encode())
+    digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+def save_latent_targets(path: Path, targets: Latents, fingerprint: str) -> None:
+    """Write ``targets`` to ``path`` (``.npz``, replaced atomically) with the fingerprint they were fitted under."""
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, poses=targets.poses, contexts=targets.contexts, widths=targets.widths, fingerprint=fingerprint)
+    os.replace(tmp, path)
+
+
+def load_latent_targets(path: Path, fingerprint: str) -> Latents | None:
+    """The targets saved at ``path`` if they were fitted under ``fingerprint``; None if absent or stale."""
+    if not path.exists():
+        return None
+    with np.load(path) as saved:
+        if str(saved["fingerprint"]) != fingerprint:
+            return None
+        return Latents(saved["poses"], saved["contexts"], saved["widths"])
 
 
 def latent_windows(targets: Latents, rows: np.ndarray, starts: np.ndarray, frames: int) -> tuple[Latents, np.ndarray]:

@@ -12,9 +12,16 @@ from enfpde import checkpointing
 from enfpde.config import ConfigError, load_config
 from enfpde.forecaster import Forecaster
 from enfpde.geometry import Torus
-from enfpde.latent_targets import fit_latent_targets, latent_trajectory_loss, latent_windows
+from enfpde.latent_targets import (
+    fit_latent_targets,
+    latent_trajectory_loss,
+    latent_windows,
+    load_latent_targets,
+    save_latent_targets,
+    targets_fingerprint,
+)
 from enfpde.latents import Latents
-from enfpde.trainer import Trainer
+from enfpde.trainer import LATENT_TARGETS_FILE, Trainer
 
 
 class ConstantVelocity(nnx.Module):
@@ -95,9 +102,10 @@ def _latent_config(tiny_config, **train_changes):
     return dataclasses.replace(tiny_config, train=train, model=model)
 
 
-def test_stage2_on_latents_trains_the_dynamics_and_resumes_exactly(tiny_config, tmp_path):
+def test_stage2_on_latents_trains_the_dynamics_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
     """A run with latent targets: the dynamics change, only they change, the forecaster loads; a run stopped in
-    stage 2 and resumed (refitting the targets) continues the same losses to the same parameters."""
+    stage 2 and resumed (with the kept targets, then refitting them) continues the same losses to the same
+    parameters."""
     config = _latent_config(tiny_config, latent_targets=dataclasses.replace(tiny_config.train.latent_targets, batch_size=3))
     whole = tmp_path / "whole"
     Trainer(config, whole, progress=False).run()
@@ -118,12 +126,32 @@ def test_stage2_on_latents_trains_the_dynamics_and_resumes_exactly(tiny_config, 
                                                   jax.tree.leaves(nnx.state(dynamics_after, nnx.Param)))]
     assert any(moved)
 
+    # Resumed twice: first from the targets kept in the run directory (no fit allowed), then, the file deleted,
+    # refitting them.
     split = tmp_path / "split"
     Trainer(config, split, progress=False).run(stop_after=boundary + 2)
+    assert (split / LATENT_TARGETS_FILE).exists()
+    with monkeypatch.context() as patch:
+        patch.setattr("enfpde.trainer.fit_latent_targets", lambda *a, **k: pytest.fail("refitted kept targets"))
+        Trainer(config, split, resume=True, progress=False).run(stop_after=boundary + 4)
+    (split / LATENT_TARGETS_FILE).unlink()
     Trainer(config, split, resume=True, progress=False).run()
+    assert (split / LATENT_TARGETS_FILE).exists()
     np.testing.assert_allclose([r["loss"] for r in checkpointing.read_metrics(split)], [r["loss"] for r in records], rtol=1e-5)
     for x, y in zip(jax.tree.leaves(nnx.state(Forecaster.load(split).modules)), jax.tree.leaves(nnx.state(Forecaster.load(whole).modules))):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_kept_targets_of_another_model_are_not_used(tmp_path):
+    field_a, field_b = (nnx.Linear(2, 2, rngs=nnx.Rngs(seed)) for seed in (0, 1))
+    values = np.zeros((2, 3, 4, 1), np.float32)
+    targets = Latents(np.zeros((2, 3, 1, 2)), np.ones((2, 3, 1, 4)), np.zeros((2, 3, 1)))
+    path = tmp_path / "t.npz"
+    save_latent_targets(path, targets, targets_fingerprint(field_a, field_a, values, points=8))
+    assert load_latent_targets(path, targets_fingerprint(field_a, field_a, values, points=8)) is not None
+    assert load_latent_targets(path, targets_fingerprint(field_b, field_a, values, points=8)) is None  # other weights
+    assert load_latent_targets(path, targets_fingerprint(field_a, field_a, values, points=16)) is None  # other settings
+    assert load_latent_targets(path, targets_fingerprint(field_a, field_a, values + 1, points=8)) is None  # other data
 
 
 def test_latent_targets_need_fixed_poses(tiny_config, tmp_path):
