@@ -24,6 +24,7 @@ from pathlib import Path
 
 from enfpde import checkpointing
 from enfpde.config import config_from_yaml, load_config
+from enfpde.data.trajectories import TrajectoryDataset
 from enfpde.trainer import Trainer, _flatten_dict
 
 # Settings that stage 1 never reads: the dynamics stages' schedule and targets, evaluation, bookkeeping.
@@ -50,16 +51,15 @@ def main() -> None:
     differences = stage1_differences(base_config, config)
     if differences:
         raise SystemExit(f"the presets train different stage 1s; they differ in {differences}.")
-    boundary = config.train.stage1.epochs * (Trainer(config, args.run_dir, progress=False).sampler.steps_per_epoch)
+    boundary = config.train.stage1.epochs * (TrajectoryDataset.open(config.data.train).num_trajectories // config.train.batch_size)
     source = args.base / checkpointing.CHECKPOINT_DIR / str(boundary)
     if not source.is_dir():
-        shutil.rmtree(args.run_dir)
         raise SystemExit(f"'{args.base}' has no checkpoint at the end of stage 1 (step {boundary}).")
-    shutil.copytree(source, args.run_dir / checkpointing.CHECKPOINT_DIR / str(boundary))
     records = [r for r in checkpointing.read_metrics(args.base) if r["step"] < boundary]
     if [r["step"] for r in records] != list(range(boundary)):
-        shutil.rmtree(args.run_dir)
         raise SystemExit(f"'{args.base}' lacks part of its stage-1 log (steps 0-{boundary - 1}).")
+    Trainer(config, args.run_dir, progress=False)  # writes the preset's config.yaml and model.json
+    shutil.copytree(source, args.run_dir / checkpointing.CHECKPOINT_DIR / str(boundary))
     (args.run_dir / checkpointing.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     print(f"'{args.run_dir}': the preset {args.preset} at the end of its stage 1 (step {boundary}, from '{args.base}'). "
           f"Continue with: python experiments/navier_stokes.py --preset {args.preset} --run-dir {args.run_dir} --resume")
