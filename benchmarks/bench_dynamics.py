@@ -13,6 +13,10 @@ Cases (each in its own process):
   stage2-quick-moving-poses  the same with dynamics that move the poses (model.dynamics_move_poses=true).
   stage2-quick-all   the same with moving poses and every latent hearing all 64 (the quick preset before
                      2026-12-03).
+  stage2-latents-b8, -b16, -b32  the stage-2 step on latent targets (train.stage2_targets: latents) of preset
+                     cpu_3h_latent_targets (experiments/configs/cpu_3h_latent_targets.yaml): dynamics width 64 with
+                     4 layers, each latent hearing its 16 nearest of 64, 9 Euler steps from frame s's latents against
+                     the contexts of frames s+1..s+9, no decoding; 8, 16 or 32 windows per step.
 
 Usage: python benchmarks/bench_dynamics.py [--cases stage2 forecast] [--repeats N]
 """
@@ -21,7 +25,10 @@ from __future__ import annotations
 
 from bench_enf import _build, measure, report
 
-CASES = ("stage2", "forecast", "stage2-quick", "stage2-quick-moving-poses", "stage2-quick-all")
+CASES = (
+    "stage2", "forecast", "stage2-quick", "stage2-quick-moving-poses", "stage2-quick-all",
+    "stage2-latents-b8", "stage2-latents-b16", "stage2-latents-b32",
+)
 REFERENCE = {"stage2": {"median_s": 2.4, "peak_gb": 2.9, "compile_s": 74.0}, "forecast": {"median_s": 11.7, "peak_gb": 1.1}}
 TARGET = {"stage2": {"median_s": 0.8, "compile_s": 30.0}, "forecast": {"median_s": 4.0}}
 
@@ -42,6 +49,42 @@ def _quick_stage2(**overrides):
     torus = Torus((1.0, 1.0))
     field, encoder, dynamics = build_modules(model_config, torus, num_channels=1)
     return _stage2_call(field, encoder, dynamics, torus.sample_coords(jax.random.key(0), 256), batch=4)
+
+
+def _latent_stage2(batch: int):
+    """The latent stage-2 step of preset cpu_3h_latent_targets on ``batch`` windows of 10 frames and a timed call;
+    the windows' latents are the (untrained) encoder's fits of random fields, their later contexts random."""
+    from pathlib import Path
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from enfpde.config import load_config
+    from enfpde.forecaster import build_modules
+    from enfpde.geometry import Torus
+    from enfpde.latent_targets import make_latent_stage2_step
+    from enfpde.training import default_optimizer
+
+    config = load_config(Path(__file__).parents[1] / "experiments" / "configs" / "cpu_3h_latent_targets.yaml")
+    torus = Torus((1.0, 1.0))
+    field, encoder, dynamics = build_modules(config.model, torus, num_channels=1)
+    coords = torus.sample_coords(jax.random.key(0), 256)
+    z0 = encoder(field, coords, jax.random.normal(jax.random.key(1), (batch, 256, 1)), key=jax.random.key(2))
+    targets = jax.random.normal(jax.random.key(3), (batch, 9) + z0.contexts.shape[1:])
+    optimizer = default_optimizer(1e-3)
+    graphdef, params, rest = nnx.split(dynamics, nnx.Param, ...)
+    step = make_latent_stage2_step(dynamics, optimizer)
+    times, scale = jnp.arange(10.0), jnp.ones(z0.contexts.shape[-1])
+    carry = [params, optimizer.init(params)]
+
+    def one():
+        params, opt_state = carry
+        params, opt_state, loss = step(params, opt_state, rest, z0, targets, times, scale)
+        loss.block_until_ready()
+        carry[:] = [params, opt_state]
+
+    return one
 
 
 def _stage2_call(field, encoder, dynamics, coords, batch):
@@ -73,6 +116,8 @@ def run_case(name: str, repeats: int) -> dict:
     }
     if name in quick:
         return measure(name, _quick_stage2(**quick[name]), repeats)
+    if name.startswith("stage2-latents-b"):
+        return measure(name, _latent_stage2(int(name.removeprefix("stage2-latents-b"))), repeats)
 
     import jax.numpy as jnp
     from flax import nnx

@@ -29,6 +29,8 @@ Position-Orientation Space" (PONITA, ICLR 2024); Knigge, Wessels et al., NeurIPS
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,6 +44,28 @@ Array = jax.Array
 
 class ContextStatistics(nnx.Variable):
     """Fixed per-channel statistics of fitted contexts: set from training data, never trained."""
+
+
+class Edges(NamedTuple):
+    """What the message passing of :class:`EquivariantDynamics` needs from the poses alone (``edges``).
+
+    ``neighbour_poses [B, N, K, P]`` (fully connected: ``[B, 1, N, P]``, shared by every row), ``index [B, N, K]``
+    of the latents heard (None when fully connected), the edge embedding ``edge [B, N, K, hidden]``, the mask
+    ``neighbours [B, N, K]`` (kernel radius), ``count [B, N, 1]`` of latents heard and one depthwise kernel
+    ``[B, N, K, hidden]`` per block."""
+
+    neighbour_poses: Array
+    index: Array | None
+    edge: Array
+    neighbours: Array
+    count: Array
+    kernels: tuple[Array, ...]
+
+    def gather(self, x: Array) -> Array:
+        """Per-latent features ``[B, N, F]`` onto the edges: ``[B, N, K, F]`` (fully connected: ``[B, 1, N, F]``)."""
+        if self.index is None:
+            return x[:, None]
+        return jax.vmap(lambda x, i: x[i])(x, self.index)
 
 
 class EquivariantDynamics(nnx.Module):
@@ -143,14 +167,15 @@ class EquivariantDynamics(nnx.Module):
         _, index = jax.lax.top_k(-jax.lax.stop_gradient(dist2), min(self.k_nearest, n))  # [B, N, K]
         return jax.vmap(lambda p, i: p[i])(poses, index), index
 
-    def __call__(self, z: Latents) -> Latents:
-        """The velocity ``dz/dt`` at ``z`` (batch ``[B]``), as Latents: pose velocities ``[B, N, tangent_dim]``
-        (tangent at each pose), context velocities ``[B, N, latent_dim]``, zero width velocities."""
+    def edges(self, poses: Array) -> "Edges":
+        """Everything the message passing needs from the poses ``[B, N, P]`` alone (see :class:`Edges`).
+
+        With poses that do not move (``move_poses=False``) this is the same at every evaluation of a rollout:
+        :func:`enfpde.rollout.rollout` computes it once per solve, so the edge MLPs and their backward pass run
+        once instead of once per solver step."""
         g = self.geometry
-        p_i = z.poses[:, :, None]  # [B, N, 1, P]
-        p_j, index = self._neighbours(z.poses)  # [B, N or 1, K, P]; K = N when fully connected
-        # Gather per-latent features [B, N, F] onto the edges [B, N, K, F] (fully connected: [B, 1, N, F]).
-        gather = (lambda x: x[:, None]) if index is None else (lambda x: jax.vmap(lambda x, i: x[i])(x, index))
+        p_i = poses[:, :, None]  # [B, N, 1, P]
+        p_j, index = self._neighbours(poses)  # [B, N or 1, K, P]; K = N when fully connected
         edge = self.basis_mlp(self.basis(g.pose_bi_invariant(p_i, p_j)))  # [B, N, K, hidden]
         if self.kernel_radius is None:
             neighbours = jnp.ones(edge.shape[:3], edge.dtype)
@@ -158,30 +183,47 @@ class EquivariantDynamics(nnx.Module):
             dist2 = g.squared_distance(p_i[..., : g.coord_dim], p_j)
             neighbours = (dist2 <= self.kernel_radius**2).astype(edge.dtype)
         count = jnp.maximum(neighbours.sum(axis=2, keepdims=True), 1.0)  # [B, N, 1]
+        kernels = tuple(kernel(edge) * neighbours[..., None] for kernel in self.kernels)  # each [B, N, K, hidden]
+        return Edges(p_j, index, edge, neighbours, count, kernels)
 
-        contexts = z.contexts
+    def node_features(self, contexts: Array, edges: "Edges") -> Array:
+        """The invariant node features ``[B, N, hidden]`` after the message-passing blocks, from the contexts
+        ``[B, N, latent_dim]`` and the poses' :meth:`edges`."""
         if self.context_mean is not None:
             contexts = (contexts - self.context_mean[...]) / self.context_std[...]
         h = self.embed(contexts)  # [B, N, hidden]
-        for kernel, message, norm, mlp in zip(self.kernels, self.messages, self.norms, self.mlps):
-            k = kernel(edge) * neighbours[..., None]  # [B, N, K, hidden]
+        for k, message, norm, mlp in zip(edges.kernels, self.messages, self.norms, self.mlps):
             m = message(norm(h))  # [B, N, hidden]
-            if index is None:
-                h = h + jnp.einsum("bijf,bjf->bif", k, m) / count
+            if edges.index is None:
+                h = h + jnp.einsum("bijf,bjf->bif", k, m) / edges.count
             else:
-                h = h + jnp.einsum("bijf,bijf->bif", k, gather(m)) / count
+                h = h + jnp.einsum("bijf,bijf->bif", k, edges.gather(m)) / edges.count
             h = h + mlp(h)
-        h = self.out_norm(h)
+        return self.out_norm(h)
 
+    def context_velocity(self, contexts: Array, edges: "Edges") -> Array:
+        """``dc/dt [B, N, latent_dim]`` at ``contexts [B, N, latent_dim]``, given the poses' :meth:`edges`."""
+        return self._context_rate(self.node_features(contexts, edges))
+
+    def _context_rate(self, h: Array) -> Array:
         context_rate = self.context_scale[...] * self.context_out(h)
         if self.context_std is not None:  # predicted in standardised units
             context_rate = context_rate * self.context_std[...]
+        return context_rate
+
+    def __call__(self, z: Latents) -> Latents:
+        """The velocity ``dz/dt`` at ``z`` (batch ``[B]``), as Latents: pose velocities ``[B, N, tangent_dim]``
+        (tangent at each pose), context velocities ``[B, N, latent_dim]``, zero width velocities."""
+        g = self.geometry
+        edges = self.edges(z.poses)
+        h = self.node_features(z.contexts, edges)
+        context_rate = self._context_rate(h)
         if not self.move_poses:
             return Latents(jnp.zeros(z.poses.shape[:-1] + (g.tangent_dim,), z.poses.dtype), context_rate, jnp.zeros_like(z.widths))
         # Invariant scalar weights on each edge, from the edge embedding and both endpoints' features.
-        w = self.edge_weight(edge * (h[:, :, None] + gather(h)))[..., 0] * neighbours  # [B, N, K]
-        disp = g.relative_displacement(p_i, p_j)  # [B, N, K, T], equivariant
-        pose_rate = jnp.einsum("bij,bijt->bit", w, disp) / count
+        w = self.edge_weight(edges.edge * (h[:, :, None] + edges.gather(h)))[..., 0] * edges.neighbours  # [B, N, K]
+        disp = g.relative_displacement(z.poses[:, :, None], edges.neighbour_poses)  # [B, N, K, T], equivariant
+        pose_rate = jnp.einsum("bij,bijt->bit", w, disp) / edges.count
         if self.fixed_weight is not None:
             fixed = g.fixed_directions(z.poses)  # [B, N, K, T]
             pose_rate = pose_rate + jnp.einsum("bik,bikt->bit", self.fixed_weight(h), fixed)

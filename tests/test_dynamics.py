@@ -10,6 +10,7 @@ from flax import nnx
 
 from enfpde import geometry as G
 from enfpde.dynamics import EquivariantDynamics
+from enfpde.latents import Latents
 from enfpde.rollout import rollout, solver_from_name
 from enfpde.testing import random_latents, relative_error
 
@@ -183,6 +184,34 @@ def test_fixed_pose_dynamics_keep_poses_and_stay_equivariant():
     moved = run(fixed, z0.transform(torus, g), times)
     assert relative_error(moved.contexts, out.contexts) < 1e-4
     assert float(jnp.abs(torus.relative_displacement(torus.act_on_poses(g, out.poses), moved.poses)).max()) < 1e-4
+
+
+@pytest.mark.parametrize("k_nearest", [None, 3], ids=["all", "k3"])
+def test_fixed_pose_rollout_with_edges_computed_once_matches_per_step_edges(k_nearest):
+    """With fixed poses the rollout computes the edges once per solve (EquivariantDynamics.edges); its contexts
+    and its parameter gradients are those of the plain rollout, which rebuilds the edges at every step."""
+    torus = G.Torus()
+    fixed = make_dynamics(torus, output_scale=0.3, move_poses=False, k_nearest=k_nearest)
+    z0 = random_latents(torus, jax.random.key(5), batch=2, num_latents=N, latent_dim=D)
+    times = jnp.arange(4.0)
+    graphdef, params, rest = nnx.split(fixed, nnx.Param, ...)
+
+    def per_step(params):  # explicit Euler through __call__, edges rebuilt at each step
+        model = nnx.merge(graphdef, params, rest)
+        contexts, out = z0.contexts, [z0.contexts]
+        for _ in range(3):
+            contexts = contexts + model(Latents(z0.poses, contexts, z0.widths)).contexts
+            out.append(contexts)
+        return jnp.stack(out)
+
+    def once(params):
+        return rollout(nnx.merge(graphdef, params, rest), z0, times).contexts
+
+    assert relative_error(once(params), per_step(params)) < 1e-5
+    loss = lambda f: (lambda p: jnp.sum(jnp.sin(f(p))))
+    g_once, g_step = jax.grad(loss(once))(params), jax.grad(loss(per_step))(params)
+    for a, b in zip(jax.tree.leaves(g_once), jax.tree.leaves(g_step)):
+        assert relative_error(a, b) < 1e-4
 
 
 def test_saving_between_frames_matches_frame_only_run():
