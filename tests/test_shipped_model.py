@@ -9,7 +9,7 @@ import xarray as xr
 
 from enfpde.forecaster import Forecaster
 
-SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "navier_stokes_cpu_3h_latent_targets" / "model"
+SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "navier_stokes_cpu_3h_latent_targets_60k" / "model"
 
 
 def test_the_shipped_model_forecasts_an_initial_state_at_other_times_and_resolution():
