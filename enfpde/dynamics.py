@@ -167,7 +167,7 @@ class EquivariantDynamics(nnx.Module):
         _, index = jax.lax.top_k(-jax.lax.stop_gradient(dist2), min(self.k_nearest, n))  # [B, N, K]
         return jax.vmap(lambda p, i: p[i])(poses, index), index
 
-    def edges(self, poses: Array) -> "Edges":
+    def edges(self, poses: Array) -> Edges:
         """Everything the message passing needs from the poses ``[B, N, P]`` alone (see :class:`Edges`).
 
         With poses that do not move (``move_poses=False``) this is the same at every evaluation of a rollout:
@@ -186,7 +186,7 @@ class EquivariantDynamics(nnx.Module):
         kernels = tuple(kernel(edge) * neighbours[..., None] for kernel in self.kernels)  # each [B, N, K, hidden]
         return Edges(p_j, index, edge, neighbours, count, kernels)
 
-    def node_features(self, contexts: Array, edges: "Edges") -> Array:
+    def node_features(self, contexts: Array, edges: Edges) -> Array:
         """The invariant node features ``[B, N, hidden]`` after the message-passing blocks, from the contexts
         ``[B, N, latent_dim]`` and the poses' :meth:`edges`."""
         if self.context_mean is not None:
@@ -201,7 +201,7 @@ class EquivariantDynamics(nnx.Module):
             h = h + mlp(h)
         return self.out_norm(h)
 
-    def context_velocity(self, contexts: Array, edges: "Edges") -> Array:
+    def context_velocity(self, contexts: Array, edges: Edges) -> Array:
         """``dc/dt [B, N, latent_dim]`` at ``contexts [B, N, latent_dim]``, given the poses' :meth:`edges`."""
         return self._context_rate(self.node_features(contexts, edges))
 
