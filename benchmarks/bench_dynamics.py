@@ -73,7 +73,7 @@ def _latent_stage2(batch: int):
     z0 = encoder(field, coords, jax.random.normal(jax.random.key(1), (batch, 256, 1)), key=jax.random.key(2))
     targets = jax.random.normal(jax.random.key(3), (batch, 9) + z0.contexts.shape[1:])
     optimizer = default_optimizer(1e-3)
-    graphdef, params, rest = nnx.split(dynamics, nnx.Param, ...)
+    _, params, rest = nnx.split(dynamics, nnx.Param, ...)
     step = make_latent_stage2_step(dynamics, optimizer)
     times, scale = jnp.arange(10.0), jnp.ones(z0.contexts.shape[-1])
     carry = [params, optimizer.init(params)]

@@ -1,6 +1,6 @@
-"""The Navier-Stokes model shipped in the repository (the `cpu_3h_latent_targets` preset's trained run) loads from a
+"""The Navier-Stokes model shipped in the repository (the `cpu_3h_latent_targets_60k` preset's trained run) loads from a
 clean clone and forecasts: shapes and finiteness only; its accuracy is measured in
-experiments/results/navier_stokes_cpu_3h_latent_targets.md."""
+experiments/results/navier_stokes_cpu_3h_latent_targets_60k.md."""
 
 from pathlib import Path
 
