@@ -65,19 +65,19 @@ def machine_seconds() -> float:
 
 
 def train_on_latents(
-    trainer, targets: Latents, steps: int, batch_size: int, learning_rate: float, seed: int,
+    dynamics, config, times, targets: Latents, steps: int, batch_size: int, learning_rate: float, seed: int,
     score_at: tuple[int, ...] = (), on_score=None,
 ) -> tuple[list[float], dict[int, float]]:
-    """Fit the dynamics so that the rollout from frame s's latents matches the contexts fitted to frames
-    s+1..s+T-1 (T = data.horizon), windows drawn at random; updates ``trainer.modules[2]`` in place. The step and
-    loss are the Trainer's (``train.stage2_targets: latents``); the schedule is this script's own.
+    """Fit ``dynamics`` (in place) so that the rollout from frame s's latents matches the contexts fitted to frames
+    s+1..s+T-1 (T = ``config.data.horizon``; ``times`` the lead times of the frames), windows drawn at random. The
+    step and loss are the Trainer's (``train.stage2_targets: latents``); the schedule is this script's own (50
+    warmup steps, cosine decay to 2 % of ``learning_rate``).
 
     After each step in ``score_at``, ``on_score(step)`` runs with the dynamics updated. Returns the losses and the
     machine minutes of latent training (scoring excluded) at each step of ``score_at`` and at the end."""
-    _, _, dynamics = trainer.modules
-    mc, tc = trainer.config.model, trainer.config.train
-    horizon = trainer.config.data.horizon
-    times = trainer.times[:horizon]
+    mc, tc = config.model, config.train
+    horizon = config.data.horizon
+    times = times[:horizon]
     scale = jnp.asarray(context_scale(dynamics, targets))
     _, params, rest = nnx.split(dynamics, nnx.Param, ...)
     optimizer = default_optimizer(
@@ -146,7 +146,7 @@ def start_with_latent_warmup(base: Path, run_dir: Path, args) -> int:
             print(f"latent step {step}: test t_in {scored['t_in']:.3e}, t_out {scored['t_out']:.3e}", flush=True)
 
         losses, minutes_at = train_on_latents(
-            trainer, targets, args.latent_steps, args.latent_batch, args.latent_lr, trainer.config.train.seed,
+            trainer.modules[2], trainer.config, trainer.times, targets, args.latent_steps, args.latent_batch, args.latent_lr, trainer.config.train.seed,
             score_at=tuple(s for s in args.latent_scores if s < args.latent_steps), on_score=on_score,
         )
         (run_dir / WARMUP_FILE).write_text(json.dumps({

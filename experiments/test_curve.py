@@ -9,6 +9,11 @@ of reaching a checkpoint is read from the run's metrics log: machine minutes (CP
 process / cores, what another job on the machine inflates least) and wall minutes, summed over resumed
 processes.
 
+A run continued from another run's last checkpoint in a new directory (a published model resumed with a longer
+schedule) has only its own processes in its log: ``--continues NAME`` adds the test curve of the run it continues
+(experiments/results/NAME_test_curve.json, which must reach the step it started from), whose rows come first and
+whose cost at that step is added to every cost of this run.
+
 Writes experiments/results/<name>_test_curve.{json,md,png}; finished steps are kept in the JSON, so an
 interrupted call continues where it stopped and a later call adds the new checkpoints.
 """
@@ -43,6 +48,18 @@ def checkpoint_costs(run_dir: Path) -> dict[int, dict]:
     # A resumed run repeats the steps after its last checkpoint: the last record of a step counts.
     return {int(r["step"]) + 1: {"stage": r["stage"], "machine_min": float(c), "wall_min": float(w)}
             for r, c, w in zip(records, cpu, wall)}
+
+
+def continue_costs(costs: dict[int, dict], base_rows: list[dict], first_step: int) -> dict[int, dict]:
+    """``costs`` of a run that started from step ``first_step`` of the run whose test-curve rows are ``base_rows``:
+    shifted by the base's machine and wall minutes at that step."""
+    at = {r["step"]: r for r in base_rows}
+    if first_step not in at:
+        raise SystemExit(f"the continued run's curve has no row at step {first_step}, where this run starts; it has "
+                         f"{sorted(at)}.")
+    base = at[first_step]
+    return {step: {**c, "machine_min": c["machine_min"] + base["machine_min"], "wall_min": c["wall_min"] + base["wall_min"]}
+            for step, c in costs.items()}
 
 
 def score(run_dir: Path, step: int, test: TrajectoryDataset, batch_size: int) -> dict:
@@ -96,6 +113,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--name", required=True, help="results are written as experiments/results/<name>_test_curve.*")
     parser.add_argument("--steps", type=int, nargs="*", default=None, help="checkpoint steps (default: every kept one)")
+    parser.add_argument("--continues", default=None, metavar="NAME",
+                        help="the test curve (experiments/results/NAME_test_curve.json) of the run this one continues")
     args = parser.parse_args()
 
     run_dir = args.run_dir
@@ -105,12 +124,20 @@ def main() -> None:
     available = sorted(manager.all_steps())
     manager.close()
     steps = sorted(args.steps) if args.steps else available
+    base_rows = []
+    if args.continues:
+        base_rows = json.loads((RESULTS / f"{args.continues}_test_curve.json").read_text())
+        first_step = min(int(r["step"]) for r in checkpointing.read_metrics(run_dir))  # the step it resumed at
+        costs = continue_costs(costs, base_rows, first_step)
+        base_rows = [r for r in base_rows if r["step"] <= first_step]
+        steps = [s for s in steps if s > first_step]
     missing = [s for s in steps if s not in available]
     if missing:
         raise SystemExit(f"'{run_dir}' has no checkpoint at steps {missing}; it has {available}.")
 
     out_json = RESULTS / f"{args.name}_test_curve.json"
     done = {r["step"]: r for r in json.loads(out_json.read_text())} if out_json.exists() else {}
+    done.update({r["step"]: r for r in base_rows})
     test = TrajectoryDataset.open(config.data.test)
     for step in steps:
         if step in done:
