@@ -5,6 +5,10 @@ final checkpoint only, loadable with `Forecaster.load`).
     python experiments/publish_run.py runs/navier_stokes_cpu --name navier_stokes_cpu --ship-model \
         --command "python experiments/navier_stokes.py --preset cpu"
 
+A run resumed in a new directory from another published run's last checkpoint (with a longer schedule) logs
+only its own processes: ``--continues NAME`` names that run (experiments/results/NAME.md and its test curve,
+NAME_test_curve.json, which must reach the step this run starts from), and the header adds its training time.
+
 Writes experiments/results/<name>.md and experiments/results/<name>/ (figures; model/ with --ship-model).
 Existing files are replaced only with --overwrite.
 """
@@ -12,6 +16,7 @@ Existing files are replaced only with --overwrite.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -39,7 +44,21 @@ def training_time(records: list[dict]) -> tuple[float, float]:
     return wall + last_wall, (cpu + last_cpu) / (os.cpu_count() or 1)
 
 
-def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite: bool) -> Path:
+def continued_run(name: str, first_step: int, wall: float, machine: float) -> str:
+    """The header line of a run that continues the published run ``name`` from ``first_step``: that run's cost up
+    to there (from its test curve), its machine, and the totals with this run's ``wall`` and ``machine`` seconds."""
+    rows = {r["step"]: r for r in json.loads((RESULTS / f"{name}_test_curve.json").read_text())}
+    if first_step not in rows:
+        raise SystemExit(f"{name}_test_curve.json has no row at step {first_step}, where this run starts; it has {sorted(rows)}.")
+    base = rows[first_step]
+    lines = (RESULTS / f"{name}.md").read_text().splitlines()
+    machine_line = next((line[len("- Machine: "):] for line in lines if line.startswith("- Machine: ")), "not recorded")
+    return (f"- Continues [`{name}`]({name}.md) from its step {first_step}: {base['machine_min']:.1f} machine minutes, "
+            f"{base['wall_min']:.1f} min wall there (machine: {machine_line.rstrip('.')}). With them: "
+            f"{base['machine_min'] + machine / 60:.1f} machine minutes, {base['wall_min'] + wall / 60:.1f} min wall.")
+
+
+def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite: bool, continues: str | None = None) -> Path:
     report = run_dir / "eval" / "report.md"
     if not report.exists():
         raise FileNotFoundError(f"'{run_dir}' has no evaluation ({report}); evaluate it first (enfpde evaluate).")
@@ -73,6 +92,8 @@ def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite:
         f"process / {os.cpu_count()} cores; other jobs shared the machine at times, which inflates wall time more).",
         f"- Machine: {_cpu()}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}, jax {jax.__version__}.",
     ]
+    if continues:
+        header.append(continued_run(continues, min(int(r["step"]) for r in records), wall, machine))
     if ship_model:
         header.append(
             f"- The model: [{name}/model]({name}/model) (config.yaml, model.json, checkpoint {step}); "
@@ -97,8 +118,9 @@ def main() -> None:
     parser.add_argument("--command", required=True, help="the command that trained the run (for the header)")
     parser.add_argument("--ship-model", action="store_true", help="copy config, metadata and the final checkpoint")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--continues", default=None, metavar="NAME", help="the published run this one was resumed from")
     args = parser.parse_args()
-    print(publish(args.run_dir, args.name, args.command, args.ship_model, args.overwrite))
+    print(publish(args.run_dir, args.name, args.command, args.ship_model, args.overwrite, args.continues))
 
 
 if __name__ == "__main__":
