@@ -86,7 +86,7 @@ def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite:
         f"# {name}",
         "",
         f"- Command: `{command}`; published with `python experiments/publish_run.py {run_dir} --name {name}"
-        f"{' --ship-model' if ship_model else ''}`.",
+        f"{' --ship-model' if ship_model else ''}{' --continues ' + continues if continues else ''}`.",
         f"- Steps: " + ", ".join(f"{stage} {n}" for stage, n in stages.items()) + ".",
         f"- Training time: {wall / 60:.1f} min wall, {machine / 60:.1f} machine minutes (CPU time of the training "
         f"process / {os.cpu_count()} cores; other jobs shared the machine at times, which inflates wall time more).",
