@@ -146,7 +146,8 @@ def start_with_latent_warmup(base: Path, run_dir: Path, args) -> int:
             print(f"latent step {step}: test t_in {scored['t_in']:.3e}, t_out {scored['t_out']:.3e}", flush=True)
 
         losses, minutes_at = train_on_latents(
-            trainer.modules[2], trainer.config, trainer.times, targets, args.latent_steps, args.latent_batch, args.latent_lr, trainer.config.train.seed,
+            trainer.modules[2], trainer.config, trainer.times, targets, args.latent_steps, args.latent_batch,
+            args.latent_lr, trainer.config.train.seed,
             score_at=tuple(s for s in args.latent_scores if s < args.latent_steps), on_score=on_score,
         )
         (run_dir / WARMUP_FILE).write_text(json.dumps({

@@ -28,6 +28,7 @@ import jax
 from enfpde import checkpointing
 from enfpde.plotting import plot_training_loss
 from stage1_ablation import _cpu
+from test_curve import row_at
 
 RESULTS = Path(__file__).parent / "results"
 FIGURES = ("forecast_vs_truth.png", "mse_per_lead_time.png")
@@ -47,10 +48,7 @@ def training_time(records: list[dict]) -> tuple[float, float]:
 def continued_run(name: str, first_step: int, wall: float, machine: float) -> str:
     """The header line of a run that continues the published run ``name`` from ``first_step``: that run's cost up
     to there (from its test curve), its machine, and the totals with this run's ``wall`` and ``machine`` seconds."""
-    rows = {r["step"]: r for r in json.loads((RESULTS / f"{name}_test_curve.json").read_text())}
-    if first_step not in rows:
-        raise SystemExit(f"{name}_test_curve.json has no row at step {first_step}, where this run starts; it has {sorted(rows)}.")
-    base = rows[first_step]
+    base = row_at(json.loads((RESULTS / f"{name}_test_curve.json").read_text()), first_step)
     lines = (RESULTS / f"{name}.md").read_text().splitlines()
     machine_line = next((line[len("- Machine: "):] for line in lines if line.startswith("- Machine: ")), "not recorded")
     return (f"- Continues [`{name}`]({name}.md) from its step {first_step}: {base['machine_min']:.1f} machine minutes, "

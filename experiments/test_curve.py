@@ -50,14 +50,19 @@ def checkpoint_costs(run_dir: Path) -> dict[int, dict]:
             for r, c, w in zip(records, cpu, wall)}
 
 
-def continue_costs(costs: dict[int, dict], base_rows: list[dict], first_step: int) -> dict[int, dict]:
-    """``costs`` of a run that started from step ``first_step`` of the run whose test-curve rows are ``base_rows``:
-    shifted by the base's machine and wall minutes at that step."""
+def row_at(base_rows: list[dict], first_step: int) -> dict:
+    """The row of a continued run's test curve at ``first_step``, where the run continuing it starts."""
     at = {r["step"]: r for r in base_rows}
     if first_step not in at:
         raise SystemExit(f"the continued run's curve has no row at step {first_step}, where this run starts; it has "
                          f"{sorted(at)}.")
-    base = at[first_step]
+    return at[first_step]
+
+
+def continue_costs(costs: dict[int, dict], base_rows: list[dict], first_step: int) -> dict[int, dict]:
+    """``costs`` of a run that started from step ``first_step`` of the run whose test-curve rows are ``base_rows``:
+    shifted by the base's machine and wall minutes at that step."""
+    base = row_at(base_rows, first_step)
     return {step: {**c, "machine_min": c["machine_min"] + base["machine_min"], "wall_min": c["wall_min"] + base["wall_min"]}
             for step, c in costs.items()}
 
