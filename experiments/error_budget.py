@@ -35,21 +35,10 @@ from enfpde.forecaster import Forecaster
 RESULTS = Path(__file__).parent / "results"
 
 
-def fit_errors(model: Forecaster, test: TrajectoryDataset, frames: list[int], refine_steps: int, learning_rate: float) -> dict:
-    """Per frame: MSE of the Meta-SGD fit, of its refined contexts with its own poses and with frame 0's poses."""
-    field, encoder, _ = model.modules
-    coords = jnp.asarray(model.geometry.coords_from_user(test.coords))
-    normalized = jnp.asarray(model.normalizer.normalize(np.asarray(test.values, np.float32)))  # [N, T, M, C]
-    variance = jnp.asarray(model.normalizer.std, jnp.float32) ** 2  # back to the data's units, per channel
+def context_refiner(field, coords, steps: int, learning_rate: float):
+    """A jitted ``refine(z, values) -> z``: ``steps`` Adam steps of rate ``learning_rate`` on the contexts of latents
+    ``z`` (batch ``[B]``, poses kept, decoder frozen) against the normalised ``values [B, M, C]`` at ``coords [M, D]``."""
     optimizer = optax.adam(learning_rate)
-
-    @jax.jit
-    def meta_sgd(values):
-        return encoder(field, coords, values)
-
-    @jax.jit
-    def raw_mse(z, values):
-        return jnp.mean((field(coords, z) - values) ** 2 * variance)
 
     @jax.jit
     def refine(z, values):
@@ -61,8 +50,27 @@ def fit_errors(model: Forecaster, test: TrajectoryDataset, frames: list[int], re
             updates, state = optimizer.update(jax.grad(loss)(contexts), state, contexts)
             return (contexts + updates, state), None
 
-        (contexts, _), _ = jax.lax.scan(step, (z.contexts, optimizer.init(z.contexts)), None, length=refine_steps)
+        (contexts, _), _ = jax.lax.scan(step, (z.contexts, optimizer.init(z.contexts)), None, length=steps)
         return z.replace(contexts=contexts)
+
+    return refine
+
+
+def fit_errors(model: Forecaster, test: TrajectoryDataset, frames: list[int], refine_steps: int, learning_rate: float) -> dict:
+    """Per frame: MSE of the Meta-SGD fit, of its refined contexts with its own poses and with frame 0's poses."""
+    field, encoder, _ = model.modules
+    coords = jnp.asarray(model.geometry.coords_from_user(test.coords))
+    normalized = jnp.asarray(model.normalizer.normalize(np.asarray(test.values, np.float32)))  # [N, T, M, C]
+    variance = jnp.asarray(model.normalizer.std, jnp.float32) ** 2  # back to the data's units, per channel
+    refine = context_refiner(field, coords, refine_steps, learning_rate)
+
+    @jax.jit
+    def meta_sgd(values):
+        return encoder(field, coords, values)
+
+    @jax.jit
+    def raw_mse(z, values):
+        return jnp.mean((field(coords, z) - values) ** 2 * variance)
 
     z0 = meta_sgd(normalized[:, 0])
     rows = {}

@@ -23,11 +23,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from enfpde.data.trajectories import TrajectoryDataset
 from enfpde.forecaster import Forecaster, decode_trajectory
 from enfpde.rollout import rollout, solver_from_name
+from error_budget import context_refiner
 from stage1_ablation import _cpu
 
 RESULTS = Path(__file__).parent / "results"
@@ -61,28 +61,10 @@ def main() -> None:
         pred = decode_trajectory(field, zs, coords, shared_poses=not dynamics.move_poses)  # [F, B, M, C]
         return (((pred - truth.swapaxes(0, 1)) ** 2) * variance).mean(axis=(2, 3)).sum(axis=1)
 
-    def refiner(steps: int, learning_rate: float):
-        optimizer = optax.adam(learning_rate)
-
-        @jax.jit
-        def refine(z, target):
-            def loss(contexts):
-                return jnp.mean((field(coords, z.replace(contexts=contexts)) - target) ** 2)
-
-            def step(carry, _):
-                contexts, state = carry
-                updates, state = optimizer.update(jax.grad(loss)(contexts), state, contexts)
-                return (contexts + updates, state), None
-
-            (contexts, _), _ = jax.lax.scan(step, (z.contexts, optimizer.init(z.contexts)), None, length=steps)
-            return z.replace(contexts=contexts)
-
-        return refine
-
     rows = []
     for setting in ["0:0"] + args.refine:
         steps, learning_rate = int(setting.split(":")[0]), float(setting.split(":")[1])
-        refine = refiner(steps, learning_rate) if steps else (lambda z, target: z)
+        refine = context_refiner(field, coords, steps, learning_rate) if steps else (lambda z, target: z)
         total, seconds = 0.0, 0.0
         for b in batches:
             z0 = jax.block_until_ready(fit(values[b, 0]))  # not in the refinement's time
