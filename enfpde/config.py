@@ -90,6 +90,10 @@ class ModelConfig:
     chunk_size: int = 512
     width_factor: float = 1.0
     inner_steps: int = 3
+    # Gradient steps of the encoder whenever it fits a state outside the stage-1 loss (forecasts, evaluation, the
+    # dynamics stages' initial states and latent targets): steps past inner_steps repeat the learned step sizes,
+    # which keeps lowering the fit's error (experiments/results/fit_steps.md). None: inner_steps.
+    fit_steps: Optional[int] = None
     inner_points: Optional[int] = None
     # with inner_points: the inner steps fit disjoint subsets of the step's points and the stage-1 loss is
     # measured on the points left over (the released code draws independently instead: outer_points); see
@@ -128,6 +132,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"model.{name} must be positive, found {value}.")
+        if self.fit_steps is not None and self.fit_steps < 0:
+            raise ConfigError(f"model.fit_steps must be >= 0 (or null for inner_steps), found {self.fit_steps}.")
 
 
 LR_DECAYS = ("constant", "cosine")

@@ -82,7 +82,10 @@ class MetaSGDEncoder(nnx.Module):
     Args:
         geometry: the domain; supplies the initial arrangement and how poses move.
         num_latents, latent_dim: ``N`` and the context dimension.
-        num_inner_steps: ``K``.
+        num_inner_steps: ``K``, the steps the stage-1 loss differentiates through.
+        fit_steps: the steps of every other fit (a call without ``steps``: forecasts, the dynamics stages);
+            ``None``: ``K``. Steps past ``K`` repeat the learned step sizes, i.e. plain gradient descent
+            continued from the Meta-SGD fit: it keeps lowering the error at a few gradients' cost each.
         inner_points: number of random observed points per inner step; ``None`` uses all given points.
         pose_lr, context_lr: initial inner step sizes (poses; every context channel). The pose step is
             ``pose_lr * spacing^2 * grad``, with ``spacing`` the latent spacing of the geometry: a gradient
@@ -108,6 +111,7 @@ class MetaSGDEncoder(nnx.Module):
         num_latents: int,
         latent_dim: int,
         num_inner_steps: int = 3,
+        fit_steps: int | None = None,
         inner_points: int | None = None,
         pose_lr: float = 1.0,
         context_lr: float = 5.0,
@@ -120,11 +124,14 @@ class MetaSGDEncoder(nnx.Module):
     ):
         if num_inner_steps < 0:
             raise ValueError(f"num_inner_steps must be >= 0, found {num_inner_steps}.")
+        if fit_steps is not None and fit_steps < 0:
+            raise ValueError(f"fit_steps must be >= 0 (or None for num_inner_steps), found {fit_steps}.")
         if not 0 < lr_bounds[0] < lr_bounds[1]:
             raise ValueError(f"lr_bounds must be (low, high) with 0 < low < high, found {lr_bounds}.")
         self.geometry = geometry
         self.num_latents, self.latent_dim = num_latents, latent_dim
         self.num_inner_steps, self.inner_points = num_inner_steps, inner_points
+        self.fit_steps = num_inner_steps if fit_steps is None else fit_steps
         self.lr_bounds, self.learn_poses, self.first_order = tuple(lr_bounds), learn_poses, first_order
         self.width_factor = width_factor
         self.disjoint_subsets = disjoint_subsets
@@ -174,6 +181,7 @@ class MetaSGDEncoder(nnx.Module):
         mask: Array | None = None,
         *,
         key: Array | None = None,
+        steps: int | None = None,
     ) -> Latents:
         """Fit latents to observed values.
 
@@ -183,6 +191,7 @@ class MetaSGDEncoder(nnx.Module):
             values: observations ``[B, M, C]``; may hold NaN where ``mask`` is False.
             mask: ``[B, M]`` booleans, True where observed; ``None`` means all observed.
             key: PRNG key for the random point subsets (required when ``inner_points`` < M).
+            steps: gradient steps; ``None``: ``fit_steps`` (the stage-1 loss passes ``num_inner_steps``).
 
         Returns:
             Latents with batch shape ``[B]``.
@@ -203,7 +212,7 @@ class MetaSGDEncoder(nnx.Module):
             return masked_mse(pred, v, m).sum()  # sum over fields: each field's gradient is its own
 
         poses, contexts = z.poses, z.contexts
-        S, K = self.inner_points, self.num_inner_steps
+        S, K = self.inner_points, self.fit_steps if steps is None else steps
         if subsample and self.disjoint_subsets:
             if K * S > M:
                 raise ValueError(

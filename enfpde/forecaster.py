@@ -142,6 +142,7 @@ def build_modules(
         num_latents=model.num_latents,
         latent_dim=model.latent_dim,
         num_inner_steps=model.inner_steps,
+        fit_steps=model.fit_steps,
         inner_points=model.inner_points,
         pose_lr=model.pose_lr,
         context_lr=model.context_lr,

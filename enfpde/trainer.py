@@ -84,6 +84,9 @@ RESUMABLE_CHANGES = {
     "train.weight_decay",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    # The encoder's steps outside the stage-1 loss: no parameter changes meaning; latent targets are refitted
+    # (their fingerprint holds the steps).
+    "model.fit_steps",
 }
 
 
@@ -406,7 +409,7 @@ class Trainer:
         turns = self.sampler.permutations
         fingerprint = targets_fingerprint(
             field, encoder, values, points=lt.points, fields_per_call=lt.fields_per_call, seed=seed,
-            permutations=None if turns is None else turns.tolist(),
+            permutations=None if turns is None else turns.tolist(), fit_steps=encoder.fit_steps,
         )
         path = self.run_dir / LATENT_TARGETS_FILE
         self.latent_targets = load_latent_targets(path, fingerprint)

@@ -48,7 +48,7 @@ def reconstruction_loss(model: NeuralFieldAutoencoder, coords, values, mask=None
     other points of it. With ``encoder.outer_points`` (independent inner draws) it is measured on one more
     independent draw of that many points, as in the released code. Otherwise on every given point."""
     encoder = model.encoder
-    z = encoder(model.field, coords, values, mask, key=key)
+    z = encoder(model.field, coords, values, mask, key=key, steps=encoder.num_inner_steps)
     S, K, M = encoder.inner_points, encoder.num_inner_steps, values.shape[1]
     if encoder.disjoint_subsets and S is not None and K * S < M:
         held_out = encoder.subset_order(key, values, mask)[:, K * S :]

@@ -12,7 +12,7 @@ from enfpde import AutoDecoder, EquivariantNeuralField, MetaSGDEncoder, fit_late
 from enfpde import geometry as G
 from enfpde.field import LEAN_DECODER as LEAN
 from enfpde.testing import jit_decoder, relative_error
-from enfpde.training import NeuralFieldAutoencoder, default_optimizer, make_stage1_step
+from enfpde.training import NeuralFieldAutoencoder, default_optimizer, make_stage1_step, reconstruction_loss
 
 TORUS = G.Torus()
 
@@ -275,3 +275,35 @@ def test_gradients_in_point_chunks_fit_the_same_latents():
     for a, b in ((whole.poses, chunked.poses), (whole.contexts, chunked.contexts)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
     assert relative_error(chunked.contexts, encoder.initial(3).contexts) > 1e-2  # the fit moved the latents
+
+
+def test_fit_steps_continue_the_inner_steps_and_the_stage1_loss_keeps_its_own(data):
+    """``fit_steps`` beyond ``num_inner_steps`` are the same steps repeated: a 3-step encoder asked for 5 fits
+    exactly what a 5-step encoder with the same parameters fits, lowers the error further, and
+    the stage-1 loss still differentiates through the 3 inner steps only."""
+    coords, values = data
+    three = small_model(seed=3, num_inner_steps=3)
+    extended = small_model(seed=3, num_inner_steps=3, fit_steps=5)
+    five = small_model(seed=3, num_inner_steps=5)
+    assert three.encoder.fit_steps == 3
+    z_extended, z_five = _encode(extended, coords, values), _encode(five, coords, values)
+    np.testing.assert_allclose(z_extended.contexts, z_five.contexts, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z_extended.poses, z_five.poses, rtol=1e-5, atol=1e-6)
+    z_three = three.encoder(three.field, coords, values)
+    np.testing.assert_allclose(extended.encoder(extended.field, coords, values, steps=3).contexts, z_three.contexts,
+                               rtol=1e-5, atol=1e-6)
+
+    error = lambda model, z: float(masked_mse(model.field(coords, z), values).mean())
+    assert error(extended, z_extended) < 0.97 * error(three, z_three)  # untrained decoder: a small but sure gain
+    loss = lambda model: float(reconstruction_loss(model, coords, values))
+    assert loss(extended) == pytest.approx(loss(three), rel=1e-6)
+    assert loss(five) != pytest.approx(loss(three), rel=1e-3)
+
+
+def test_negative_fit_steps_are_refused():
+    from enfpde.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="fit_steps must be >= 0"):
+        MetaSGDEncoder(TORUS, num_latents=4, latent_dim=8, fit_steps=-1)
+    with pytest.raises(ConfigError, match=r"model.fit_steps must be >= 0 \(or null for inner_steps\), found -2"):
+        load_config(None, ["model.fit_steps=-2"])

@@ -169,3 +169,25 @@ def test_latent_targets_need_fixed_poses(tiny_config, tmp_path):
 def test_bad_latent_target_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_a_run_resumed_with_more_fit_steps_refits_its_targets_with_them(tiny_config, tmp_path):
+    """``model.fit_steps`` may change on resume: the kept targets (fitted with the inner steps) are not reused,
+    the new ones are the encoder's fits with the new step count, and the saved run forecasts with it."""
+    config = _latent_config(tiny_config, latent_targets=dataclasses.replace(tiny_config.train.latent_targets, points=10**6))
+    run = tmp_path / "run"
+    boundary = config.train.stage1.epochs * 2  # tiny data: 4 trajectories in batches of 2
+    Trainer(config, run, progress=False).run(stop_after=boundary + 1)
+    with np.load(run / LATENT_TARGETS_FILE) as kept:
+        before = kept["contexts"].copy()
+
+    more = dataclasses.replace(config, model=dataclasses.replace(config.model, fit_steps=config.model.inner_steps + 2))
+    trainer = Trainer(more, run, resume=True, progress=False)
+    trainer.run()
+    after = trainer.latent_targets
+    field, encoder, _ = trainer.modules
+    assert encoder.fit_steps == config.model.inner_steps + 2
+    direct = encoder(field, trainer.geometry.coords_from_user(trainer.sampler.coords), jnp.asarray(trainer.sampler.values[1]))
+    np.testing.assert_allclose(after.contexts[1], np.asarray(direct.contexts), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(after.contexts, before, atol=1e-4)
+    assert Forecaster.load(run).modules[1].fit_steps == config.model.inner_steps + 2
