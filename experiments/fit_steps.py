@@ -11,12 +11,17 @@ random points (how the latent targets are fitted: ``train.latent_targets.points`
 sparse protocol; mean over 3 draws). Cost: machine seconds (CPU time / cores) of one fit of 64 fields on 1024
 points, compiled once before timing: the price of fitting latent targets with that many steps.
 
+With ``--forecast-steps``, the model's forecasts (standard protocol, t_in / t_out) are also scored with the initial
+state fitted in that many steps and the dynamics unchanged: what the steps give a model whose dynamics were
+trained on fits of another step count.
+
 Writes experiments/results/<name>.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -30,6 +35,7 @@ from flax import nnx
 from enfpde.data.trajectories import TrajectoryDataset
 from enfpde.forecaster import Forecaster
 from stage1_ablation import _cpu
+from test_curve import score_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a trained run or published model")
     parser.add_argument("--steps", type=int, nargs="+", default=[3, 4, 5, 6, 8, 13])
+    parser.add_argument("--forecast-steps", type=int, nargs="*", default=[], help="also score forecasts with these steps")
     parser.add_argument("--name", default="fit_steps")
     args = parser.parse_args()
 
@@ -62,10 +69,15 @@ def main() -> None:
         return (((field(coords, z) - values) ** 2) * variance).mean()
 
     rows = []
+    inner = model.config.model.inner_steps
+    z_inner = fit(field, encoder, coords, values, inner)
+    rms = lambda x: float(jnp.sqrt(jnp.mean(x**2)))
     for steps in args.steps:
         row = {"steps": steps}
         for name, subsets in draws.items():
             row[name] = float(np.mean([grid_error(fit(field, encoder, coords[i], values[:, i], steps)) for i in subsets]))
+        z = fit(field, encoder, coords, values, steps)
+        row["context_change"] = rms(z.contexts - z_inner.contexts) / rms(z_inner.contexts)
         idx = draws["1024"][0]
         jax.block_until_ready(fit(field, encoder, coords[idx], timing_values[:, idx], steps))
         start = time.process_time()
@@ -75,22 +87,38 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
 
-    inner = model.config.model.inner_steps
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"model": str(args.model), "inner_steps": inner, "rows": rows}, indent=1))
+    forecasts = []
+    for steps in args.forecast_steps:
+        encoder.fit_steps = steps  # a Forecaster compiles its modules as it finds them: build one per step count
+        config = dataclasses.replace(model.config, model=dataclasses.replace(model.config.model, fit_steps=steps))
+        forecaster = Forecaster(config, model.metadata, field, encoder, model.modules[2], batch_size=config.eval.batch_size)
+        scored = score_model(forecaster, TrajectoryDataset.open(config.data.test), config.eval.batch_size)["model"]
+        forecasts.append({"steps": steps, "t_in": scored["t_in"], "t_out": scored["t_out"]})
+        print(forecasts[-1], flush=True)
+
+    trained = model.config.model.fit_steps or inner
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
+        {"model": str(args.model), "inner_steps": inner, "fit_steps": trained, "rows": rows, "forecasts": forecasts}, indent=1))
     lines = [
         f"# Test error of the frame-0 fit against the encoder's steps: `{args.model}` (meta-trained for {inner})",
         "",
-        f"Command: `python experiments/fit_steps.py {args.model} --steps {' '.join(map(str, args.steps))} --name {args.name}` "
+        f"Command: `python experiments/fit_steps.py {args.model} --steps {' '.join(map(str, args.steps))} "
+        f"--forecast-steps {' '.join(map(str, args.forecast_steps))} --name {args.name}` "
         f"(machine: {_cpu()}, jax {jax.__version__}).",
         f"See the docstring of experiments/fit_steps.py. Test split, {n} trajectories, frame 0; MSE in the data's units on the",
         "full grid whatever the points fitted (mean w^2 is about 1.05).",
         "",
-        "| steps | fitted on the grid | fitted on 1024 points | fitted on 5 % of the points (3 draws) | machine s per 64 fields on 1024 points |",
-        "|---|---|---|---|---|",
+        "| steps | fitted on the grid | fitted on 1024 points | fitted on 5 % of the points (3 draws) | machine s per 64 fields on 1024 points "
+        f"| contexts moved from the {inner}-step fit (grid; RMS of the change / RMS of the contexts) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['steps']}{' (inner_steps)' if r['steps'] == inner else ''} | {r['grid']:.2e} | {r['1024']:.2e} | "
-                     f"{r['5%']:.2e} | {r['machine_s_per_64_fields']:.2f} |")
+                     f"{r['5%']:.2e} | {r['machine_s_per_64_fields']:.2f} | {r['context_change']:.3f} |")
+    if forecasts:
+        lines += ["", f"Forecasts of the same model (its dynamics trained on fits of {trained} steps), standard protocol of the test split:",
+                  "", "| steps of the initial fit | t_in | t_out |", "|---|---|---|"]
+        lines += [f"| {f['steps']} | {f['t_in']:.2e} | {f['t_out']:.2e} |" for f in forecasts]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
