@@ -1,11 +1,11 @@
 """How much a few more encoder steps buy: the test error of the fit of frame 0 against ``model.fit_steps``.
 
     python experiments/fit_steps.py experiments/results/navier_stokes_cpu_3h_latent_targets_83k/model \\
-        --steps 3 4 5 6 8 13 --name fit_steps
+        --steps 3 4 5 6 8 13 --forecast-steps 3 6 --name fit_steps
 
 The Meta-SGD encoder is meta-trained for its ``inner_steps`` steps; ``fit_steps`` repeats the same learned step
 sizes for longer whenever a state is fitted outside the stage-1 loss (forecasts, latent targets). For each
-step count this fits frame 0 of every test trajectory from three observations and scores the decoded field on
+step count this fits frame 0 of every test trajectory from three kinds of observation and scores the decoded field on
 the full grid (MSE in the data's units): the whole 64 x 64 grid (the standard protocol's initial state), 1024
 random points (how the latent targets are fitted: ``train.latent_targets.points``) and 5 % of the points (the
 sparse protocol; mean over 3 draws). Cost: machine seconds (CPU time / cores) of one fit of 64 fields on 1024
