@@ -442,8 +442,7 @@ def _summary_table(run_dir: Path, out_name: str = EVAL_DIR) -> str:
 def training_summary(run_dir: str | os.PathLike) -> dict:
     """Epochs reached per stage, steps and training wall time (s) of a run, from its metrics log.
 
-    The log's ``elapsed_s`` restarts with every resumed process: the wall time is the sum over those
-    segments (time spent killed is not counted)."""
+    The wall time is the log's ``elapsed_s`` summed over resumed processes (:func:`cumulative_seconds`)."""
     records = checkpointing.read_metrics(run_dir)
     # A resumed run repeats the steps after its last checkpoint: the last record of a step counts.
     by_step = {r["step"]: r for r in records}
@@ -457,8 +456,9 @@ def training_summary(run_dir: str | os.PathLike) -> dict:
 def cumulative_seconds(records: list[dict], key: str = "elapsed_s") -> np.ndarray:
     """Seconds since the start of training at each record of a metrics log, across resumed processes.
 
-    ``key`` is ``elapsed_s`` (wall time) or ``cpu_s`` (CPU time of the training process). Both restart from 0
-    in every resumed process, so each restart closes a segment (time spent killed is not counted)."""
+    ``key`` is ``elapsed_s`` (wall time) or ``cpu_s`` (CPU time of the training process). A resumed process
+    continues both from the log's last line; logs written before that restarted them from 0 in every resumed
+    process, and each such restart closes a segment here (time spent killed is not counted either way)."""
     out, offset, previous = [], 0.0, 0.0
     for r in records:
         value = float(r.get(key, np.nan))

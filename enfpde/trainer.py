@@ -520,13 +520,17 @@ class Trainer:
         self.opt_states = {k: train_state[k] for k in STAGES}
         return int(train_state["step"])
 
-    def _truncate_metrics(self, last_step: int) -> None:
-        """Drop log lines of steps after the checkpoint we resume from (they will be redone)."""
+    def _truncate_metrics(self, last_step: int) -> dict[str, float]:
+        """Drop log lines of steps after the checkpoint we resume from (they will be redone).
+
+        Returns the clocks (``elapsed_s``, ``cpu_s``) of the last kept line, where the resumed process's clocks
+        continue (zeros for a fresh run)."""
         records = [r for r in checkpointing.read_metrics(self.run_dir) if r["step"] < last_step]
         path = self.run_dir / checkpointing.METRICS_FILE
         tmp = path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, path)
+        return {key: float(records[-1].get(key, 0.0)) if records else 0.0 for key in ("elapsed_s", "cpu_s")}
 
     def _replicate(self, tree):
         return distributed.replicate(tree, self.mesh)
@@ -540,10 +544,9 @@ class Trainer:
         manager = checkpointing.checkpoint_manager(self.run_dir, max_to_keep=tc.keep_checkpoints)
         try:
             start = self._restore(manager) if self.resume else 0
-            if distributed.is_main_process():
-                self._truncate_metrics(start)
+            clocks = self._truncate_metrics(start) if distributed.is_main_process() else {"elapsed_s": 0.0, "cpu_s": 0.0}
             end = self.schedule.total_steps if stop_after is None else min(stop_after, self.schedule.total_steps)
-            self._loop(manager, start, end)
+            self._loop(manager, start, end, clocks)
             manager.wait_until_finished()
         finally:
             manager.close()
@@ -632,7 +635,8 @@ class Trainer:
             return self.step2(params, opt_state, rest, frozen, coords, values, times, key, mask)
         return self.step3(params, opt_state, rest, coords, values, times, key, mask)
 
-    def _loop(self, manager, start: int, end: int) -> None:
+    def _loop(self, manager, start: int, end: int, clocks: dict[str, float]) -> None:
+        """Train steps ``start`` to ``end`` - 1, logging each; ``clocks`` are the log's times where it goes on."""
         tc = self.config.train
         main = distributed.is_main_process()  # logs and shows progress; every process trains
         metrics_path = self.run_dir / checkpointing.METRICS_FILE
@@ -644,7 +648,9 @@ class Trainer:
         times_for = {}  # frames -> their lead times, replicated once
         rows = distributed.process_rows(tc.batch_size)  # this process's trajectories of every batch
         stage, params, rest, frozen, opt_state = None, None, None, None, None
-        t_start, cpu_start = time.perf_counter(), time.process_time()
+        # A resumed process's clocks go on from the last kept log line, so the log's times are cumulative.
+        t_start = time.perf_counter() - clocks["elapsed_s"]
+        cpu_start = time.process_time() - clocks["cpu_s"]
         with open(metrics_path, "a") if main else contextlib.nullcontext() as log:
             for step in range(start, end):
                 new_stage = self.schedule.stage(step)
@@ -693,8 +699,8 @@ class Trainer:
                     )
                 record = {"step": step, "epoch": epoch, "stage": stage, "loss": loss,
                           "elapsed_s": round(time.perf_counter() - t_start, 3),
-                          # CPU seconds of every thread of this process: a cost that other jobs on the machine
-                          # inflate much less than the wall time (both restart from 0 on resume).
+                          # CPU seconds of every thread of the training processes: a cost that other jobs on the
+                          # machine inflate much less than the wall time (both go on from the log on resume).
                           "cpu_s": round(time.process_time() - cpu_start, 3)}
                 if main:
                     log.write(json.dumps(record) + "\n")

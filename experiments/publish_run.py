@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 
 from enfpde import checkpointing
+from enfpde.experiment import cumulative_seconds
 from enfpde.plotting import plot_training_loss
 from stage1_ablation import _cpu
 from test_curve import row_at
@@ -36,13 +37,11 @@ FIGURES = ("forecast_vs_truth.png", "mse_per_lead_time.png")
 
 def training_time(records: list[dict]) -> tuple[float, float]:
     """Wall seconds and machine seconds (CPU seconds / cores) of training, summed over resumed segments."""
-    wall = cpu = 0.0
-    last_wall = last_cpu = 0.0
-    for r in records:  # both clocks restart from 0 when a run resumes
-        if r["elapsed_s"] < last_wall:
-            wall, cpu = wall + last_wall, cpu + last_cpu
-        last_wall, last_cpu = r["elapsed_s"], r.get("cpu_s", 0.0)
-    return wall + last_wall, (cpu + last_cpu) / (os.cpu_count() or 1)
+    if not records:
+        return 0.0, 0.0
+    wall = float(cumulative_seconds(records, "elapsed_s")[-1])
+    cpu = float(cumulative_seconds([{"cpu_s": r.get("cpu_s", 0.0)} for r in records], "cpu_s")[-1])
+    return wall, cpu / (os.cpu_count() or 1)
 
 
 def continued_run(name: str, first_step: int, wall: float, machine: float) -> str:

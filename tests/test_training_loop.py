@@ -374,3 +374,32 @@ def test_the_released_decoder_trains_saves_and_reloads(tiny_config, tiny_data, f
     with xr.open_dataset(tiny_data / "test.nc") as ds:
         out = loaded.forecast(ds.isel(time=[0]).load(), [0.0, 1.0])
     assert out.u.shape == (3, 2, 8, 8) and np.isfinite(out.u.values).all()
+
+
+def test_a_resumed_run_logs_cumulative_clocks(tiny_config, tmp_path):
+    """A resumed process continues the log's wall and CPU clocks from its last kept line, so the cost before the
+    resume is kept even where the new process's first line comes later than that (stage 2's setup runs first)
+    and no restart of the clocks could be seen; the summed cost of the whole run is the last line's."""
+    from enfpde.experiment import cumulative_seconds
+
+    run_dir = tmp_path / "run"
+    Trainer(tiny_config, run_dir, progress=False).run(stop_after=4)  # stage 1 only
+    first = checkpointing.read_metrics(run_dir)
+    first[-1].update(elapsed_s=1000.0, cpu_s=2000.0)  # as if stage 1 had been long: the resume must go on from there
+    (run_dir / checkpointing.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in first))
+    Trainer(tiny_config, run_dir, resume=True, progress=False).run()
+    records = checkpointing.read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(8))
+    assert records[:4] == first
+    for key, before in (("elapsed_s", 1000.0), ("cpu_s", 2000.0)):
+        clock = np.array([r[key] for r in records])
+        assert np.all(clock[4:] > before) and np.all(np.diff(clock[3:]) >= 0), (key, clock)
+        np.testing.assert_allclose(cumulative_seconds(records, key), clock)
+
+
+def test_cumulative_seconds_sums_logs_whose_clocks_restart():
+    """Logs written before clocks were continued restart from 0 in every resumed process."""
+    from enfpde.experiment import cumulative_seconds
+
+    records = [{"cpu_s": v} for v in (1.0, 2.0, 0.5, 1.5, 0.25)]
+    np.testing.assert_allclose(cumulative_seconds(records, "cpu_s"), [1.0, 2.0, 2.5, 3.5, 3.75])
