@@ -699,7 +699,7 @@ class Trainer:
                     )
                 record = {"step": step, "epoch": epoch, "stage": stage, "loss": loss,
                           "elapsed_s": round(time.perf_counter() - t_start, 3),
-                          # CPU seconds of every thread of the training processes: a cost that other jobs on the
+                          # CPU seconds of every thread of this process: a cost that other jobs on the
                           # machine inflate much less than the wall time (both go on from the log on resume).
                           "cpu_s": round(time.process_time() - cpu_start, 3)}
                 if main:
