@@ -100,11 +100,12 @@ def main() -> None:
     trained = model.config.model.fit_steps or inner
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"model": str(args.model), "inner_steps": inner, "fit_steps": trained, "rows": rows, "forecasts": forecasts}, indent=1))
+    forecast_flag = f"--forecast-steps {' '.join(map(str, args.forecast_steps))} " if args.forecast_steps else ""
     lines = [
         f"# Test error of the frame-0 fit against the encoder's steps: `{args.model}` (meta-trained for {inner})",
         "",
         f"Command: `python experiments/fit_steps.py {args.model} --steps {' '.join(map(str, args.steps))} "
-        f"--forecast-steps {' '.join(map(str, args.forecast_steps))} --name {args.name}` "
+        f"{forecast_flag}--name {args.name}` "
         f"(machine: {_cpu()}, jax {jax.__version__}).",
         f"See the docstring of experiments/fit_steps.py. Test split, {n} trajectories, frame 0; MSE in the data's units on the",
         "full grid whatever the points fitted (mean w^2 is about 1.05).",
