@@ -169,6 +169,7 @@ class StageConfig:
 
 
 STAGE2_TARGETS = ("fields", "latents")
+LATENT_METRICS = ("contexts", "decoder")
 
 
 @dataclasses.dataclass
@@ -178,16 +179,25 @@ class LatentTargetsConfig:
     ``points``: random grid points each training frame is fitted on (one draw per ``fields_per_call`` frames);
     ``batch_size``: windows per stage-2 step (a latent step costs no decoding, so it can take more windows
     than a field-space step of ``train.batch_size`` trajectories).
+    ``metric``: how the contexts' error counts: ``contexts``, every channel alike after scaling by its spread;
+    ``decoder``, weighted by the frozen decoder's Gauss-Newton metric (:func:`enfpde.latent_targets.decoder_metric`),
+    lifted by ``metric_ridge`` times its mean eigenvalue in every direction.
     """
 
     points: int = 1024
     batch_size: int = 8
     fields_per_call: int = 64
+    metric: str = "contexts"
+    metric_ridge: float = 0.01
 
     def __post_init__(self):
         for name in ("points", "batch_size", "fields_per_call"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.latent_targets.{name} must be >= 1, found {getattr(self, name)}.")
+        if self.metric not in LATENT_METRICS:
+            raise ConfigError(f"train.latent_targets.metric must be one of {list(LATENT_METRICS)}, found {self.metric!r}.")
+        if not self.metric_ridge >= 0:
+            raise ConfigError(f"train.latent_targets.metric_ridge must be >= 0, found {self.metric_ridge}.")
 
 
 @dataclasses.dataclass

@@ -122,13 +122,76 @@ def latent_trajectory_loss(
     times: Array,
     scale: Array,
     *,
+    metric: Array | None = None,
     solver: diffrax.AbstractSolver | None = None,
     dt0: float | None = 1.0,
 ) -> Array:
     """Mean squared error of the rolled-out contexts at ``times[1:]`` against ``target_contexts [B, T-1, L, d]``,
-    each channel divided by ``scale [d]`` (the spread of the contexts, so that every channel counts alike)."""
+    each channel divided by ``scale [d]`` (the spread of the contexts, so that every channel counts alike).
+
+    With ``metric [L d, L d]`` (:func:`decoder_metric`) the scaled error of each frame's ``L x d`` contexts is
+    multiplied by it before squaring: errors then count as much as the decoded field would feel them."""
     z = rollout(dynamics, z0, times, solver=solver, dt0=dt0)  # [T, B]
-    return jnp.mean(((jnp.swapaxes(z.contexts[1:], 0, 1) - target_contexts) / scale) ** 2)
+    err = (jnp.swapaxes(z.contexts[1:], 0, 1) - target_contexts) / scale  # [B, T-1, L, d]
+    if metric is not None:
+        err = err.reshape(err.shape[:2] + (-1,)) @ metric
+    return jnp.mean(err**2)
+
+
+def decoder_metric(
+    field: EquivariantNeuralField,
+    targets: Latents,
+    coords: Array,
+    scale: np.ndarray,
+    *,
+    fields: int = 32,
+    points: int = 512,
+    ridge: float = 0.01,
+    seed: int = 0,
+) -> np.ndarray:
+    """Square root ``[L d, L d]`` of the decoder's Gauss-Newton metric on the scaled contexts, for the latent loss.
+
+    The decoder is far more sensitive to some directions of the ``L x d`` contexts than to others (on the
+    Navier-Stokes model of experiments/results/decoder_metric.md the metric's eigenvalues span four orders of
+    magnitude), so a plain squared error of the contexts spends the dynamics' capacity on directions the field
+    barely shows. ``G = E[J^T J]``, with ``J [M C, L d]`` the Jacobian of the decoded values at ``points`` random
+    points with respect to the contexts divided by ``scale``, is averaged over ``fields`` random frames of
+    ``targets [N, F]`` (the poses and widths stay those of each frame), divided by its mean eigenvalue and
+    lifted by ``ridge`` (so that no direction is free), then square-rooted: ``|e @ S|^2 = e^T (G + ridge) e``.
+
+    Args:
+        field: the frozen decoder.
+        targets: latent targets with batch ``[N, F]`` (host arrays).
+        coords: ``[M, D]`` model coordinates of the grid the targets were fitted on.
+        scale: ``[d]`` the latent loss's per-channel scale (:func:`context_scale`).
+    """
+    if ridge < 0 or fields < 1 or points < 1:
+        raise ValueError(f"decoder_metric needs ridge >= 0, fields >= 1 and points >= 1, found {ridge}, {fields}, {points}.")
+    n, f = targets.contexts.shape[:2]
+    coords = np.asarray(coords)
+    rng = np.random.default_rng([seed, 21])
+    scale = jnp.asarray(scale)
+
+    @jax.jit
+    def gram(coords, poses, contexts, widths):
+        def decoded(scaled):
+            z = Latents(poses[None], (scaled * scale)[None], widths[None])
+            return field(coords, z)[0].reshape(-1)  # [P C]
+
+        jac = jax.jacfwd(decoded)(contexts / scale)  # [P C, L, d]
+        jac = jac.reshape(jac.shape[0], -1)
+        return jac.T @ jac / jac.shape[0]
+
+    total = 0.0
+    for _ in range(fields):
+        row, frame = rng.integers(n), rng.integers(f)
+        idx = np.sort(rng.choice(coords.shape[0], min(points, coords.shape[0]), replace=False))
+        part = jax.tree.map(lambda x: jnp.asarray(x[row, frame]), targets)
+        total = total + np.asarray(gram(jnp.asarray(coords[idx]), part.poses, part.contexts, part.widths), np.float64)
+    eigenvalues, vectors = np.linalg.eigh(total / fields)
+    eigenvalues = np.clip(eigenvalues, 0.0, None)
+    eigenvalues = eigenvalues / eigenvalues.mean() + ridge
+    return ((vectors * np.sqrt(eigenvalues)) @ vectors.T).astype(np.float32)
 
 
 def context_scale(dynamics: nnx.Module, targets: Latents) -> np.ndarray:
@@ -143,17 +206,18 @@ def context_scale(dynamics: nnx.Module, targets: Latents) -> np.ndarray:
 
 def make_latent_stage2_step(dynamics: nnx.Module, optimizer, *, solver=None, dt0: float | None = 1.0) -> Callable:
     """A jitted stage-2 step on latent targets that updates only the dynamics:
-    ``step(params, opt_state, rest, z0 [B], target_contexts [B, T-1, L, d], times [T], scale [d])
-    -> (params, opt_state, loss)``, with ``params, rest = nnx.split(dynamics, nnx.Param, ...)[1:]``."""
+    ``step(params, opt_state, rest, z0 [B], target_contexts [B, T-1, L, d], times [T], scale [d], metric)
+    -> (params, opt_state, loss)``, with ``params, rest = nnx.split(dynamics, nnx.Param, ...)[1:]`` and ``metric``
+    None or ``[L d, L d]`` (:func:`latent_trajectory_loss`)."""
     graphdef = nnx.split(dynamics, nnx.Param, ...)[0]
 
-    def loss_fn(params, rest, z0, target_contexts, times, scale):
+    def loss_fn(params, rest, z0, target_contexts, times, scale, metric):
         model = nnx.merge(graphdef, params, rest)
-        return latent_trajectory_loss(model, z0, target_contexts, times, scale, solver=solver, dt0=dt0)
+        return latent_trajectory_loss(model, z0, target_contexts, times, scale, metric=metric, solver=solver, dt0=dt0)
 
     @jax.jit
-    def step(params, opt_state, rest, z0, target_contexts, times, scale):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, z0, target_contexts, times, scale)
+    def step(params, opt_state, rest, z0, target_contexts, times, scale, metric=None):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, z0, target_contexts, times, scale, metric)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -39,6 +39,7 @@ from enfpde.forecaster import build_modules, make_geometry
 from enfpde.geometry import LatLonBox, Torus
 from enfpde.latent_targets import (
     context_scale,
+    decoder_metric,
     fit_latent_targets,
     latent_windows,
     load_latent_targets,
@@ -87,6 +88,9 @@ RESUMABLE_CHANGES = {
     # The encoder's steps outside the stage-1 loss: no parameter changes meaning; latent targets are refitted
     # (their fingerprint holds the steps).
     "model.fit_steps",
+    # The latent loss's weighting: no parameter changes meaning.
+    "train.latent_targets.metric",
+    "train.latent_targets.metric_ridge",
 }
 
 
@@ -426,7 +430,15 @@ class Trainer:
             )
             if main:
                 save_latent_targets(path, self.latent_targets, fingerprint)
-        self.latent_scale = self._replicate(jnp.asarray(context_scale(dynamics, self.latent_targets)))
+        scale = context_scale(dynamics, self.latent_targets)
+        self.latent_scale = self._replicate(jnp.asarray(scale))
+        self.latent_metric = None
+        if lt.metric == "decoder":  # about a machine minute; recomputed on resume (a pure function of the seed)
+            metric = decoder_metric(
+                field, self.latent_targets, self.geometry.coords_from_user(self.sampler.coords), scale,
+                ridge=lt.metric_ridge, seed=seed,
+            )
+            self.latent_metric = self._replicate(jnp.asarray(metric))
 
     def _latent_batch(self, step: int, frames: int) -> tuple:
         """This process's windows of the latent stage-2 batch of ``step``: random trajectories and start frames (a
@@ -677,7 +689,8 @@ class Trainer:
                 if stage == "stage2" and self.stage2_on_latents:  # no fields to draw: windows of the fitted latents
                     z0, target_contexts = self._latent_batch(step, frames2)
                     params, opt_state, loss = self.step2_latents(
-                        params, opt_state, rest, jax.tree.map(shard, z0), shard(target_contexts), times, self.latent_scale
+                        params, opt_state, rest, jax.tree.map(shard, z0), shard(target_contexts), times, self.latent_scale,
+                        self.latent_metric,
                     )
                 else:
                     params, opt_state, loss = self._field_step(

@@ -31,9 +31,10 @@ from flax import nnx
 
 from enfpde.data.trajectories import TrajectoryDataset, save_json_atomic
 from enfpde.forecaster import Forecaster, build_modules
+from enfpde.latent_targets import context_scale, decoder_metric
 from enfpde.latents import Latents
 from enfpde.plotting import _new_figure
-from latent_warmup import train_on_latents
+from latent_warmup import machine_seconds, train_on_latents
 from stage1_ablation import _cpu
 from test_curve import score_model
 
@@ -48,7 +49,12 @@ VARIANTS = {
     "knn_32": ({"dynamics_k_nearest": 32}, None, "each latent hears its 32 nearest latents instead of 16"),
     "lr_4e-3": ({}, 4e-3, "peak learning rate 4e-3 instead of --lr"),
     "lr_1e-3": ({}, 1e-3, "peak learning rate 1e-3 instead of --lr"),
+    "decoder_metric": ({}, None, "contexts' error weighted by the decoder's Gauss-Newton metric, ridge 0.01"),
+    "decoder_metric_ridge_0.1": ({}, None, "contexts' error weighted by the decoder's Gauss-Newton metric, ridge 0.1"),
+    "decoder_metric_ridge_0.001": ({}, None, "contexts' error weighted by the decoder's Gauss-Newton metric, ridge 0.001"),
 }
+# variant -> ridge of its decoder metric (enfpde.latent_targets.decoder_metric); the others use the plain loss
+METRIC_RIDGE = {"decoder_metric": 0.01, "decoder_metric_ridge_0.1": 0.1, "decoder_metric_ridge_0.001": 0.001}
 
 
 def train_variant(model: Forecaster, targets: Latents, name: str, args) -> dict:
@@ -71,13 +77,21 @@ def train_variant(model: Forecaster, targets: Latents, name: str, args) -> dict:
         scores[step] = {"t_in": scored["t_in"], "t_out": scored["t_out"]}
         print(f"{name} step {step}: test t_in {scored['t_in']:.3e}, t_out {scored['t_out']:.3e}", flush=True)
 
+    metric, metric_min = None, 0.0
+    if name in METRIC_RIDGE:
+        t0 = machine_seconds()
+        coords = model.geometry.coords_from_user(test.coords)
+        metric = decoder_metric(field, targets, coords, context_scale(dynamics, targets), ridge=METRIC_RIDGE[name],
+                                seed=config.train.seed)
+        metric_min = (machine_seconds() - t0) / 60
+        print(f"{name}: decoder metric in {metric_min:.2f} machine min", flush=True)
     losses, minutes_at = train_on_latents(
         dynamics, config, times, targets, args.steps, args.batch, lr or args.lr, config.train.seed,
-        score_at=tuple(s for s in args.scores if s < args.steps), on_score=on_score,
+        score_at=tuple(s for s in args.scores if s < args.steps), on_score=on_score, metric=metric,
     )
     on_score(args.steps)
     return {"variant": name, "what": what, "overrides": overrides, "learning_rate": lr or args.lr, "batch": args.batch,
-            "steps": args.steps, "losses": losses,
+            "steps": args.steps, "losses": losses, "metric_machine_min": metric_min,
             "scores": [{"step": s, "machine_min": minutes_at[s], **scores[s]} for s in sorted(scores)]}
 
 

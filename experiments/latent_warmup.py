@@ -66,12 +66,13 @@ def machine_seconds() -> float:
 
 def train_on_latents(
     dynamics, config, times, targets: Latents, steps: int, batch_size: int, learning_rate: float, seed: int,
-    score_at: tuple[int, ...] = (), on_score=None,
+    score_at: tuple[int, ...] = (), on_score=None, metric: np.ndarray | None = None,
 ) -> tuple[list[float], dict[int, float]]:
     """Fit ``dynamics`` (in place) so that the rollout from frame s's latents matches the contexts fitted to frames
     s+1..s+T-1 (T = ``config.data.horizon``; ``times`` the lead times of the frames), windows drawn at random. The
     step and loss are the Trainer's (``train.stage2_targets: latents``); the schedule is this script's own (50
-    warmup steps, cosine decay to 2 % of ``learning_rate``).
+    warmup steps, cosine decay to 2 % of ``learning_rate``). ``metric``: None (the contexts' squared error) or the
+    ``[L d, L d]`` root of :func:`enfpde.latent_targets.decoder_metric`.
 
     After each step in ``score_at``, ``on_score(step)`` runs with the dynamics updated. Returns the losses and the
     machine minutes of latent training (scoring excluded) at each step of ``score_at`` and at the end."""
@@ -94,7 +95,7 @@ def train_on_latents(
         rows = rng.choice(n, batch_size, replace=False)
         starts = rng.integers(0, f - horizon + 1, batch_size)
         z0, target_contexts = latent_windows(targets, rows, starts, horizon)
-        params, opt_state, loss = step(params, opt_state, rest, z0, target_contexts, times, scale)
+        params, opt_state, loss = step(params, opt_state, rest, z0, target_contexts, times, scale, metric)
         losses.append(float(loss))
         if not np.isfinite(losses[-1]):
             raise SystemExit(f"latent phase: non-finite loss at step {k}; lower --latent-lr.")

@@ -13,6 +13,8 @@ from enfpde.config import ConfigError, load_config
 from enfpde.forecaster import Forecaster
 from enfpde.geometry import Torus
 from enfpde.latent_targets import (
+    context_scale,
+    decoder_metric,
     fit_latent_targets,
     latent_trajectory_loss,
     latent_windows,
@@ -51,6 +53,74 @@ def test_the_latent_loss_is_the_scaled_error_of_the_rolled_out_contexts():
     delta = jnp.asarray([1.0, 2.0])
     loss = latent_trajectory_loss(dynamics, z0, on_line + delta, times, scale)
     assert float(loss) == pytest.approx(np.mean((np.asarray(delta) / np.asarray(scale)) ** 2), rel=1e-5)
+
+
+def test_with_a_metric_the_loss_is_the_quadratic_form_of_the_scaled_error():
+    """``metric`` S: each frame's flattened scaled error e counts as ``|e S|^2``, averaged over the L d entries."""
+    rng = np.random.default_rng(1)
+    b, n, d = 2, 3, 2
+    z0 = Latents(jnp.asarray(rng.uniform(size=(b, n, 2)), jnp.float32), jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32),
+                 jnp.full((b, n), 0.1, jnp.float32))
+    velocity, scale, times = np.array([0.5, -2.0]), np.array([2.0, 4.0]), jnp.arange(3.0)
+    on_line = z0.contexts[:, None] + velocity * times[1:, None, None]
+    delta = rng.normal(size=(b, 2, n, d)).astype(np.float32)
+    metric = rng.normal(size=(n * d, n * d)).astype(np.float32)
+    loss = latent_trajectory_loss(ConstantVelocity(velocity), z0, on_line + delta, times, jnp.asarray(scale), metric=jnp.asarray(metric))
+    e = (-delta / scale).reshape(b, 2, n * d)
+    assert float(loss) == pytest.approx(np.mean((e @ metric) ** 2), rel=1e-5)
+
+
+def test_the_decoder_metric_is_the_root_of_the_normalised_gauss_newton_matrix(tiny_config, tmp_path):
+    """From one frame on every point, ``S^2 = G / mean eig(G) + ridge``, G = J^T J / (M C) with J the decoder's
+    Jacobian with respect to the scaled contexts; S is symmetric, so ``|e S|^2 = e^T S^2 e``."""
+    trainer = Trainer(_latent_config(tiny_config), tmp_path / "run", progress=False)
+    field, encoder, dynamics = trainer.modules
+    coords = trainer.geometry.coords_from_user(trainer.sampler.coords)
+    frame = encoder(field, coords, jnp.asarray(trainer.sampler.values[0, :1]))  # batch [1]
+    targets = jax.tree.map(lambda x: np.asarray(x)[None], frame)  # [N=1, F=1]
+    scale = np.asarray([0.5 + 0.1 * k for k in range(targets.contexts.shape[-1])], np.float32)
+    root = decoder_metric(field, targets, coords, scale, fields=1, points=10**6, ridge=0.05)
+
+    def decoded(scaled):
+        return field(coords, frame.replace(contexts=(scaled * scale)[None]))[0].reshape(-1)
+
+    jac = np.asarray(jax.jacfwd(decoded)(frame.contexts[0] / scale), np.float64)
+    jac = jac.reshape(jac.shape[0], -1)
+    gram = jac.T @ jac / jac.shape[0]
+    expected = gram / np.linalg.eigvalsh(gram).mean() + 0.05 * np.eye(gram.shape[0])
+    np.testing.assert_allclose(root, root.T, atol=1e-5)
+    np.testing.assert_allclose(root @ root, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_run_with_the_decoder_metric_trains_its_dynamics_on_that_loss(tiny_config, tmp_path, monkeypatch):
+    """``train.latent_targets.metric: decoder``: the Trainer passes the metric of its targets to every latent step
+    (the first logged loss is the weighted one of the untrained dynamics), and a plain run can be resumed with it."""
+    plain = _latent_config(tiny_config)
+    weighted = dataclasses.replace(plain, train=dataclasses.replace(
+        plain.train, latent_targets=dataclasses.replace(plain.train.latent_targets, metric="decoder", metric_ridge=0.1)))
+    seen = []
+    real = decoder_metric
+    monkeypatch.setattr("enfpde.trainer.decoder_metric", lambda *a, **k: seen.append(k["ridge"]) or real(*a, **k))
+    trainer = Trainer(weighted, tmp_path / "weighted", progress=False)
+    trainer.run()
+    assert seen == [0.1]
+    weighted_losses = [r["loss"] for r in checkpointing.read_metrics(tmp_path / "weighted") if r["stage"] == "stage2"]
+    assert len(weighted_losses) == 6 and np.all(np.isfinite(weighted_losses))
+    # The first weighted step's loss is the metric's quadratic form of the untrained rollout's error.
+    boundary = trainer.schedule.boundaries[0]
+    z0, targets = trainer._latent_batch(boundary, plain.data.horizon)
+    untrained = Forecaster.load(tmp_path / "weighted", step=boundary).modules[2]
+    with_statistics = Forecaster.load(tmp_path / "weighted", step=boundary + 1).modules[2]  # set at the stage-2 start
+    untrained.context_mean[...], untrained.context_std[...] = with_statistics.context_mean[...], with_statistics.context_std[...]
+    first = latent_trajectory_loss(untrained, z0, jnp.asarray(targets), trainer.times[: plain.data.horizon],
+                                   trainer.latent_scale, metric=trainer.latent_metric)
+    assert weighted_losses[0] == pytest.approx(float(first), rel=1e-4)
+    unweighted = latent_trajectory_loss(untrained, z0, jnp.asarray(targets), trainer.times[: plain.data.horizon], trainer.latent_scale)
+    assert weighted_losses[0] != pytest.approx(float(unweighted), rel=1e-2)
+
+    Trainer(plain, tmp_path / "switch", progress=False).run(stop_after=trainer.schedule.boundaries[0] + 2)
+    Trainer(weighted, tmp_path / "switch", resume=True, progress=False).run()
+    assert seen == [0.1, 0.1]
 
 
 def test_windows_are_gathered_from_the_right_trajectories_and_frames():
@@ -165,6 +235,8 @@ def test_latent_targets_need_fixed_poses(tiny_config, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.stage2_targets=decoded", r"stage2_targets must be one of \['fields', 'latents'\], found 'decoded'"),
     ("train.latent_targets.points=0", r"latent_targets.points must be >= 1, found 0"),
+    ("train.latent_targets.metric=fields", r"latent_targets.metric must be one of \['contexts', 'decoder'\], found 'fields'"),
+    ("train.latent_targets.metric_ridge=-1", r"latent_targets.metric_ridge must be >= 0, found -1"),
 ])
 def test_bad_latent_target_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
