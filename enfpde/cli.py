@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from enfpde.config import FORECAST_ENSEMBLES
+
 
 def _parse_times(text: str) -> np.ndarray:
     """``"0,0.5,1"`` (a list) or ``"start:stop:step"`` (stop included when it falls on the grid)."""
@@ -56,7 +58,8 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from enfpde.experiment import evaluate_run
 
-    report = evaluate_run(args.run_dir, overwrite=args.overwrite, progress=not args.quiet, figures=not args.no_figures)
+    report = evaluate_run(args.run_dir, overwrite=args.overwrite, progress=not args.quiet, figures=not args.no_figures,
+                          ensemble=args.ensemble)
     print(report.read_text())
     return 0
 
@@ -75,6 +78,7 @@ def _cmd_forecast(args) -> int:
         overwrite=args.overwrite,
         init_time=args.init_time,
         max_steps=args.max_steps,
+        ensemble=args.ensemble,
     )
     print(f"forecast written to {path}")
     return 0
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG and GIF figures")
+    p.add_argument("--ensemble", choices=FORECAST_ENSEMBLES, default=None,
+                   help="forecast with this ensemble instead of the run's model.forecast_ensemble; written to eval_<ENSEMBLE>/")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_distributed_arguments(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -142,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-steps", type=_positive_int, default=4096,
         help="the ODE solver's step budget (default 4096); lead times needing more steps are refused up front",
     )
+    p.add_argument("--ensemble", choices=FORECAST_ENSEMBLES, default=None,
+                   help="forecast with this ensemble instead of the run's model.forecast_ensemble (quarter_turns: 4x the cost)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     add_distributed_arguments(p)
     p.set_defaults(func=_cmd_forecast)

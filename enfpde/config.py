@@ -126,8 +126,15 @@ class ModelConfig:
     # to the frame interval (e.g. 16.67 hours for shallow water) so the latent velocity is a change per
     # frame whatever the data's time units, and the learning rates of the presets carry over.
     time_unit: float = 1.0
+    # How a forecast is made (no effect on training): "none", one forecast from the initial state; "quarter_turns",
+    # the mean of the four forecasts from the initial state turned by 0-3 quarter turns, each turned back
+    # (enfpde.forecaster.Forecaster.predict), for 4x the forecasting cost. Only for runs trained with
+    # train.augment: quarter_turns, whose data were checked to be invariant under the turns.
+    forecast_ensemble: str = "none"
 
     def __post_init__(self):
+        if self.forecast_ensemble not in FORECAST_ENSEMBLES:
+            raise ConfigError(f"model.forecast_ensemble must be one of {list(FORECAST_ENSEMBLES)}, found {self.forecast_ensemble!r}.")
         for name in ("time_unit", "dt0"):
             value = getattr(self, name)
             if not value > 0:
@@ -137,6 +144,7 @@ class ModelConfig:
 
 
 LR_DECAYS = ("constant", "cosine")
+FORECAST_ENSEMBLES = ("none", "quarter_turns")
 
 
 @dataclasses.dataclass
@@ -279,6 +287,20 @@ class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        check_forecast_ensemble(self, self.model.forecast_ensemble)
+
+
+def check_forecast_ensemble(config: RunConfig, ensemble: str) -> None:
+    """Refuse a forecast ensemble over a symmetry the run's data were not checked for (``train.augment``)."""
+    if ensemble not in FORECAST_ENSEMBLES:
+        raise ConfigError(f"forecast ensemble must be one of {list(FORECAST_ENSEMBLES)}, found {ensemble!r}.")
+    if ensemble == "quarter_turns" and config.train.augment != "quarter_turns":
+        raise ConfigError(
+            f"the quarter-turn forecast ensemble needs a run trained with train.augment: quarter_turns (its data "
+            f"checked invariant under quarter turns); this run has train.augment: {config.train.augment}."
+        )
 
 
 class ConfigError(ValueError):

@@ -90,22 +90,24 @@ def evaluate_run(
     progress: bool = True,
     figures: bool = True,
     forecaster: Forecaster | None = None,
-    out_name: str = EVAL_DIR,
+    out_name: str | None = None,
+    ensemble: str | None = None,
 ) -> Path:
     """Evaluate a trained run on its test split (all protocol settings) and its train split (standard).
 
     Writes ``<run_dir>/<out_name>/{test,train}/metrics.{json,md}``, ``report.md`` (both tables), and with
     ``figures`` ``forecast_vs_truth.png``, ``rollout.gif`` and ``mse_per_lead_time.png`` there (``out_name``
-    is ``eval`` by default).
+    is ``eval`` by default, ``eval_<ensemble>`` when ``ensemble`` is given: the run's model forecasting with
+    that ``model.forecast_ensemble`` instead of its own).
 
     Returns:
         The path of ``report.md``.
     """
     run_dir = Path(run_dir)
     config = config_from_yaml(run_dir / checkpointing.CONFIG_FILE)
-    model = forecaster or Forecaster.load(run_dir, batch_size=config.eval.batch_size)
+    model = forecaster or Forecaster.load(run_dir, batch_size=config.eval.batch_size, ensemble=ensemble)
     meta = model.metadata
-    out = run_dir / out_name
+    out = run_dir / (out_name or (EVAL_DIR if ensemble is None else f"{EVAL_DIR}_{ensemble}"))
     report_path = out / "report.md"
     targets = [report_path, out / "test" / "metrics.json", out / "train" / "metrics.json"]
     if figures:
@@ -222,6 +224,7 @@ def forecast_file(
     batch_size: int = 8,
     init_time=None,
     max_steps: int = DEFAULT_MAX_STEPS,
+    ensemble: str | None = None,
 ) -> Path:
     """Forecast the initial state(s) in ``input_path`` (its first time) and write netCDF to ``output_path``.
 
@@ -233,13 +236,14 @@ def forecast_file(
     of ``resolution``, or the input points. Every input is validated before anything is written, the output
     path before the model is even loaded, the lead times (against the solver's ``max_steps``) and the output's
     size (against the available memory) before any compute; the file is written to a temporary name and
-    renamed, and an existing output is never replaced without ``overwrite``.
+    renamed, and an existing output is never replaced without ``overwrite``. ``ensemble`` overrides the run's
+    ``model.forecast_ensemble`` (:meth:`Forecaster.predict`).
     """
     output_path = Path(output_path)
     check_output_path(output_path, overwrite=overwrite, flag="--overwrite")
     if at is not None and resolution is not None:
         raise ValueError("give either --at or --resolution, not both.")
-    model = Forecaster.load(run_dir, batch_size=batch_size)
+    model = Forecaster.load(run_dir, batch_size=batch_size, ensemble=ensemble)
     times = lead_times(times)
     model.check_step_budget(times, max_steps)
     era5_config = _era5_dataset_config(model.config, input_path)

@@ -91,6 +91,8 @@ RESUMABLE_CHANGES = {
     # The latent loss's weighting: no parameter changes meaning.
     "train.latent_targets.metric",
     "train.latent_targets.metric_ridge",
+    # How forecasts are made, not how the model is trained.
+    "model.forecast_ensemble",
 }
 
 

@@ -7,7 +7,8 @@ turn of a training trajectory is therefore another valid trajectory, and each tr
 
 A field on points ``x_m`` turned by ``k`` quarter turns is ``w_k(x) = w(R^-k x)`` with ``R (x, y) = (-y, x)``
 (coordinates modulo the period), i.e. a permutation of the points when they form a grid that the turn maps
-onto itself. This module finds those permutations; ``BatchSampler`` applies them.
+onto itself. This module finds those permutations; ``BatchSampler`` applies them. :func:`turn_points` turns
+points themselves (any points), for the forecaster's average over the four turns (``model.forecast_ensemble``).
 """
 
 from __future__ import annotations
@@ -72,3 +73,19 @@ def check_quarter_turn_data(attributes: dict, variables: list[str]) -> None:
             f"quarter-turn augmentation needs a PDE invariant under quarter turns; the training file's forcing is "
             f"'{forcing}' (invariant: {', '.join(QUARTER_TURN_FORCINGS)})."
         )
+
+
+def turn_points(coords: np.ndarray, periods: tuple[float, ...], turns: int) -> np.ndarray:
+    """Points ``[M, 2]`` of a square 2-torus turned ``turns`` times by ``R (x, y) = (-y, x)`` (modulo the period).
+
+    Observing a field ``w`` at the turned points ``R^k x_m`` is observing the turned field ``w_k = w o R^-k`` at
+    ``x_m``' images, so a forecast from (and decoded at) turned points is a forecast of the turned field, read
+    back at the original points.
+    """
+    coords = np.asarray(coords)
+    if len(periods) != 2 or coords.ndim != 2 or coords.shape[1] != 2 or not np.isclose(periods[0], periods[1]):
+        raise ValueError(f"quarter turns need a square 2-D torus and points [M, 2]; found periods {periods} and points {coords.shape}.")
+    L = periods[0]
+    for _ in range(turns % 4):
+        coords = np.stack([np.mod(-coords[:, 1], L), coords[:, 0]], axis=1)
+    return coords
