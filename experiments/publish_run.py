@@ -9,6 +9,9 @@ A run resumed in a new directory from another published run's last checkpoint (w
 only its own processes: ``--continues NAME`` names that run (experiments/results/NAME.md and its test curve,
 NAME_test_curve.json, which must reach the step this run starts from), and the header adds its training time.
 
+``--eval-dir`` reads another evaluation of the run than ``eval/`` (``eval_quarter_turns/``, written by
+``enfpde evaluate RUN --ensemble quarter_turns``: the same model forecasting with the quarter-turn ensemble).
+
 Writes experiments/results/<name>.md and experiments/results/<name>/ (figures; model/ with --ship-model).
 Existing files are replaced only with --overwrite.
 """
@@ -55,8 +58,9 @@ def continued_run(name: str, first_step: int, wall: float, machine: float) -> st
             f"{base['machine_min'] + machine / 60:.1f} machine minutes, {base['wall_min'] + wall / 60:.1f} min wall.")
 
 
-def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite: bool, continues: str | None = None) -> Path:
-    report = run_dir / "eval" / "report.md"
+def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite: bool, continues: str | None = None,
+            eval_dir: str = "eval") -> Path:
+    report = run_dir / eval_dir / "report.md"
     if not report.exists():
         raise FileNotFoundError(f"'{run_dir}' has no evaluation ({report}); evaluate it first (enfpde evaluate).")
     out_md, out_dir = RESULTS / f"{name}.md", RESULTS / name
@@ -69,8 +73,8 @@ def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     for figure in FIGURES:
-        if (run_dir / "eval" / figure).exists():
-            shutil.copy2(run_dir / "eval" / figure, out_dir / figure)
+        if (run_dir / eval_dir / figure).exists():
+            shutil.copy2(run_dir / eval_dir / figure, out_dir / figure)
     plot_training_loss(records, out_dir / "training_loss.png")
     if ship_model:
         step = max(int(p.name) for p in (run_dir / checkpointing.CHECKPOINT_DIR).iterdir() if p.name.isdigit())
@@ -83,12 +87,16 @@ def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite:
         f"# {name}",
         "",
         f"- Command: `{command}`; published with `python experiments/publish_run.py {run_dir} --name {name}"
-        f"{' --ship-model' if ship_model else ''}{' --continues ' + continues if continues else ''}`.",
+        f"{' --ship-model' if ship_model else ''}{' --continues ' + continues if continues else ''}"
+        f"{' --eval-dir ' + eval_dir if eval_dir != 'eval' else ''}`.",
         f"- Steps: " + ", ".join(f"{stage} {n}" for stage, n in stages.items()) + ".",
         f"- Training time: {wall / 60:.1f} min wall, {machine / 60:.1f} machine minutes (CPU time of the training "
         f"process / {os.cpu_count()} cores; other jobs shared the machine at times, which inflates wall time more).",
         f"- Machine: {_cpu()}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}, jax {jax.__version__}.",
     ]
+    if eval_dir != "eval":
+        header.append(f"- Evaluation: `{run_dir}/{eval_dir}/` (written by `enfpde evaluate {run_dir} --ensemble "
+                      f"{eval_dir.removeprefix('eval_')}`), not the run's own `eval/`.")
     if continues:
         header.append(continued_run(continues, min(int(r["step"]) for r in records), wall, machine))
     if ship_model:
@@ -102,7 +110,7 @@ def publish(run_dir: Path, name: str, command: str, ship_model: bool, overwrite:
     body = "\n".join(line for line in report.read_text().splitlines() if not line.startswith("!["))
     out_md.write_text("\n".join(header) + "\n" + body + "\n\n" + "\n".join(figures) + "\n")
     for split in ("test", "train"):
-        metrics = run_dir / "eval" / split / "metrics.json"
+        metrics = run_dir / eval_dir / split / "metrics.json"
         if metrics.exists():
             shutil.copy2(metrics, out_dir / f"{split}_metrics.json")
     return out_md
@@ -116,8 +124,9 @@ def main() -> None:
     parser.add_argument("--ship-model", action="store_true", help="copy config, metadata and the final checkpoint")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--continues", default=None, metavar="NAME", help="the published run this one was resumed from")
+    parser.add_argument("--eval-dir", default="eval", help="the run's evaluation to publish (default eval/)")
     args = parser.parse_args()
-    print(publish(args.run_dir, args.name, args.command, args.ship_model, args.overwrite, args.continues))
+    print(publish(args.run_dir, args.name, args.command, args.ship_model, args.overwrite, args.continues, args.eval_dir))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Navier-Stokes model shipped in the repository (the `cpu_3h_latent_targets_60k` preset's run resumed with 6-step
-fits, ``model.fit_steps: 6``) loads from a clean clone and forecasts: shapes and finiteness only; its accuracy is
-measured in experiments/results/navier_stokes_cpu_3h_fit6_from_60k.md."""
+fits, ``model.fit_steps: 6``, forecasting with the quarter-turn ensemble) loads from a clean clone and forecasts:
+shapes and finiteness only; its accuracy is measured in experiments/results/navier_stokes_cpu_3h_fit6_from_60k.md."""
 
 from pathlib import Path
 
@@ -15,6 +15,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "nav
 def test_the_shipped_model_forecasts_an_initial_state_at_other_times_and_resolution():
     model = Forecaster.load(SHIPPED, batch_size=2)
     assert model.variables == ("vorticity",)
+    assert model.ensemble == "quarter_turns"  # its config forecasts with the quarter-turn ensemble
     n = 64
     y, x = np.meshgrid(np.arange(n) / n, np.arange(n) / n, indexing="ij")
     vorticity = np.sin(2 * np.pi * x) * np.cos(4 * np.pi * y) + 0.5 * np.sin(2 * np.pi * (x + y))  # [y, x]
