@@ -7,18 +7,25 @@ Cases (each in its own process):
               (every 0.25 up to 19), decoded on a 128 x 128 grid (twice the training resolution); paper model.
   evaluate    `enfpde.evaluation.evaluate` of the paper model on 16 test trajectories (standard protocol,
               sparse 50 % and 5 %, shifted), persistence included.
+  shipped-once, shipped-quarter-turns
+              the `forecast` case's call on the shipped Navier-Stokes model
+              (experiments/results/navier_stokes_cpu_3h_fit6_quarter_turns/model), forecasting once and with its
+              quarter-turn ensemble (model.forecast_ensemble, four forecasts averaged).
 
-The model is the paper preset's, freshly initialised (timings do not depend on the weights).
+The model of the first three is the paper preset's, freshly initialised (timings do not depend on the weights).
 
 Usage: python benchmarks/bench_forecaster.py [--cases batches forecast evaluate] [--repeats N]
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from bench_enf import measure, report
 
-CASES = ("batches", "forecast", "evaluate")
+CASES = ("batches", "forecast", "evaluate", "shipped-once", "shipped-quarter-turns")
+SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "navier_stokes_cpu_3h_fit6_quarter_turns" / "model"
 
 
 def _navier_stokes_like(num_trajectories: int, num_frames: int = 20, resolution: int = 64):
@@ -60,8 +67,13 @@ def run_case(name: str, repeats: int) -> dict:
         def one():
             sampler(step[0])
             step[0] += 1
-    elif name == "forecast":
-        model = _paper_forecaster()
+    elif name in ("forecast", "shipped-once", "shipped-quarter-turns"):
+        from enfpde.forecaster import Forecaster
+
+        if name == "forecast":
+            model = _paper_forecaster()
+        else:
+            model = Forecaster.load(SHIPPED, ensemble="none" if name == "shipped-once" else "quarter_turns")
         initial = _navier_stokes_like(8).isel(time=[0])
         fine = np.arange(128) / 128
         times = np.arange(0.0, 19.01, 0.25)
@@ -82,4 +94,4 @@ def run_case(name: str, repeats: int) -> dict:
 
 
 if __name__ == "__main__":
-    report(__file__, "Forecaster and data-path benchmark (paper preset)", "forecaster", CASES, {}, {})
+    report(__file__, "Forecaster and data-path benchmark (paper preset; the shipped model)", "forecaster", CASES, {}, {})

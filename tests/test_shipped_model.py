@@ -1,6 +1,6 @@
-"""The Navier-Stokes model shipped in the repository (the `cpu_3h_latent_targets_60k` preset's run resumed with 6-step
-fits, ``model.fit_steps: 6``, forecasting with the quarter-turn ensemble) loads from a clean clone and forecasts:
-shapes and finiteness only; its accuracy is measured in experiments/results/navier_stokes_cpu_3h_fit6_from_60k.md."""
+"""The Navier-Stokes model shipped in the repository (the `cpu_3h_fit6` preset's run, forecasting with the quarter-turn
+ensemble) loads from a clean clone and forecasts: shapes and finiteness only; its accuracy is measured in
+experiments/results/navier_stokes_cpu_3h_fit6_quarter_turns.md."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import xarray as xr
 
 from enfpde.forecaster import Forecaster
 
-SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "navier_stokes_cpu_3h_fit6_from_60k" / "model"
+SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "results" / "navier_stokes_cpu_3h_fit6_quarter_turns" / "model"
 
 
 def test_the_shipped_model_forecasts_an_initial_state_at_other_times_and_resolution():
