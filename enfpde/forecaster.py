@@ -460,6 +460,8 @@ class Forecaster(XarrayForecast):
                  ensemble: str | None = None):
         self.ensemble = config.model.forecast_ensemble if ensemble is None else ensemble
         check_forecast_ensemble(config, self.ensemble)
+        if self.ensemble == "quarter_turns" and not isinstance(field.geometry, Torus):
+            raise ValueError(f"the quarter-turn forecast ensemble needs a torus model; this one's geometry is {type(field.geometry).__name__}.")
         self.config = config
         self.metadata = dict(metadata)
         self.geometry = field.geometry

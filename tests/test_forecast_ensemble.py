@@ -10,7 +10,7 @@ from flax import nnx
 from enfpde.cli import main
 from enfpde.config import ConfigError, load_config
 from enfpde.data.augmentation import quarter_turn_permutations, turn_points
-from enfpde.forecaster import Forecaster
+from enfpde.forecaster import Forecaster, build_modules, make_geometry
 
 
 def _periodic_distances(points, L):
@@ -87,6 +87,12 @@ def test_an_ensemble_over_turns_the_run_was_not_trained_for_is_refused(forecaste
         load_config(None, ["model.forecast_ensemble=quarter_turns"])
     with pytest.raises(ConfigError, match=r"model.forecast_ensemble must be one of \['none', 'quarter_turns'\]"):
         load_config(None, ["model.forecast_ensemble=mean", "train.augment=quarter_turns"])
+    sphere_data = dataclasses.replace(forecaster.config.data, geometry="sphere")
+    turned = dataclasses.replace(forecaster.config, data=sphere_data,
+                                 train=dataclasses.replace(forecaster.config.train, augment="quarter_turns"))
+    on_sphere = build_modules(turned.model, make_geometry(sphere_data), 1, seed=0)
+    with pytest.raises(ValueError, match="needs a torus model; this one's geometry is Sphere"):
+        Forecaster(turned, forecaster.metadata, *on_sphere, ensemble="quarter_turns")
     assert main(["evaluate", str(tiny_run), "--ensemble", "quarter_turns", "--no-figures"]) == 2
     assert "train.augment: quarter_turns" in capsys.readouterr().err
     assert not (tiny_run / "eval_quarter_turns").exists()
