@@ -151,10 +151,11 @@ def decoder_metric(
 ) -> np.ndarray:
     """Square root ``[L d, L d]`` of the decoder's Gauss-Newton metric on the scaled contexts, for the latent loss.
 
-    The decoder is far more sensitive to some directions of the ``L x d`` contexts than to others (on the
-    Navier-Stokes model of experiments/results/decoder_metric.md the metric's eigenvalues span four orders of
-    magnitude), so a plain squared error of the contexts spends the dynamics' capacity on directions the field
-    barely shows. ``G = E[J^T J]``, with ``J [M C, L d]`` the Jacobian of the decoded values at ``points`` random
+    The decoder is far more sensitive to some directions of the ``L x d`` contexts than to others (for a frame
+    of the Navier-Stokes ``cpu_3h_fit6`` targets, half of the metric's eigenvalues are below 2e-4 of their mean),
+    so a plain squared error of the contexts puts most of its weight on directions the field barely shows.
+    Weighting by the metric did not train better dynamics there (experiments/results/latent_metric.md and the
+    README): the ignored directions still carry what the dynamics need. ``G = E[J^T J]``, with ``J [M C, L d]`` the Jacobian of the decoded values at ``points`` random
     points with respect to the contexts divided by ``scale``, is averaged over ``fields`` random frames of
     ``targets [N, F]`` (the poses and widths stay those of each frame), divided by its mean eigenvalue and
     lifted by ``ridge`` (so that no direction is free), then square-rooted: ``|e @ S|^2 = e^T (G + ridge) e``.
