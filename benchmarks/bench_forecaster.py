@@ -14,7 +14,7 @@ Cases (each in its own process):
 
 The model of the first three is the paper preset's, freshly initialised (timings do not depend on the weights).
 
-Usage: python benchmarks/bench_forecaster.py [--cases batches forecast evaluate] [--repeats N]
+Usage: python benchmarks/bench_forecaster.py [--cases batches forecast evaluate shipped-once shipped-quarter-turns] [--repeats N]
 """
 
 from __future__ import annotations

@@ -590,11 +590,13 @@ class Forecaster(XarrayForecast):
         chunk_size = min(self.batch_size, num_states)
         starts = list(range(0, num_states, chunk_size))
 
-        if self.ensemble == "quarter_turns":
-            periods = self.geometry.periods
-            views = [(turn_points(coords_internal, periods, k), turn_points(query_internal, periods, k)) for k in range(4)]
-        else:
-            views = [(coords_internal, query_internal)]
+        # (observation points, query points) of each forecast averaged, on the device once for every chunk
+        turns = range(4) if self.ensemble == "quarter_turns" else range(1)
+        views = [
+            (jnp.asarray(turn_points(coords_internal, self.geometry.periods, k)) if k else coords_internal,
+             jnp.asarray(turn_points(query_internal, self.geometry.periods, k)) if k else query_internal)
+            for k in turns
+        ]
 
         def run(start: int) -> np.ndarray:
             chunk = np.arange(start, start + chunk_size)
@@ -603,9 +605,8 @@ class Forecaster(XarrayForecast):
             out = 0.0
             for observed_at, decoded_at in views:
                 out = out + np.asarray(self._predict_normalized(
-                    self._state, jnp.asarray(observed_at), jnp.asarray(normalized[chunk]), jnp.asarray(mask[chunk]),
-                    jnp.asarray(times / self.config.model.time_unit, jnp.float32), jnp.asarray(decoded_at),
-                    max_steps=int(max_steps),
+                    self._state, observed_at, jnp.asarray(normalized[chunk]), jnp.asarray(mask[chunk]),
+                    jnp.asarray(times / self.config.model.time_unit, jnp.float32), decoded_at, max_steps=int(max_steps),
                 ))
             return out / len(views)  # [chunk_size, T, Q, C]
 

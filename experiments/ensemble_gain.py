@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from enfpde.data.trajectories import TrajectoryDataset, save_json_atomic
-from enfpde.evaluation import evaluate
 from enfpde.forecaster import Forecaster
 from stage1_ablation import _cpu
+from test_curve import score_model
 
 RESULTS = Path(__file__).parent / "results"
 ENSEMBLES = ("none", "quarter_turns")
@@ -37,9 +37,7 @@ def score(spec: str) -> dict:
         model = Forecaster.load(path, step=int(step) if step else None, ensemble=ensemble)
         test = TrajectoryDataset.open(model.config.data.test)
         start = time.perf_counter()
-        result = evaluate(model, test, horizon_time=model.metadata["horizon_time"], sparse_fractions=(), shift=False,
-                          progress=False, batch_size=model.config.eval.batch_size)
-        standard = result["settings"]["standard"]["model"]
+        standard = score_model(model, test, model.config.eval.batch_size)["model"]
         row["step"] = model.step
         row[ensemble] = {"t_in": standard["t_in"], "t_out": standard["t_out"], "per_frame": standard["per_frame"],
                          "seconds": time.perf_counter() - start}
